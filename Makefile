@@ -1,0 +1,27 @@
+# Two commands on a fresh clone: `make run` (install, then the main job) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Data: $LAB_DATA_DIR if set, else ../shared/data when it exists, else downloads to ~/.cache/lab/data.
+export LAB_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
+export TORCHINDUCTOR_CACHE_DIR ?= $(abspath .cache/inductor)
+
+.PHONY: install run test bench lint
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+run: install  ## the main job: the book's deep CNN on MNIST
+	$(PY) -m lab +experiment=mnist_cnn $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(ARGS)
+
+bench: install
+	$(PY) benchmarks/mnist_cnn.py $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .

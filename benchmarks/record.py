@@ -1,0 +1,52 @@
+"""Shared by the benchmarks: describe the machine and write a result record atomically."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    for pkg in ("torchvision", "numpy", "hydra", "wandb"):
+        try:
+            info[pkg] = __import__(pkg).__version__
+        except ImportError:
+            pass
+    try:
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                            text=True, cwd=RESULTS.parent).stdout.strip()
+    except OSError:
+        pass
+    return info
+
+
+def write(name: str, figures: dict[str, Any]) -> Path:
+    """Write benchmarks/results/<name>.json with the figures, the machine and the command."""
+    sys.path.insert(0, str(RESULTS.parents[1]))
+    from lab import io
+
+    record = {"benchmark": name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]), "machine": machine(),
+              **figures}
+    path = RESULTS / f"{name}.json"
+    io.write_json(path, record)
+    print(f"wrote {path}")
+    return path

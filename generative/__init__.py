@@ -1,0 +1,1 @@
+"""Placeholder package; its experiments arrive with later issues."""

@@ -1,0 +1,80 @@
+"""Checkpoint files: atomic saves, safe loads (`weights_only=True`), clear errors, RNG state."""
+
+from __future__ import annotations
+
+import pickle
+import random
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lab import io
+from lab.errors import LabError
+
+FORMAT_VERSION = 1
+
+
+def save(path: str | Path, state: dict[str, Any]) -> None:
+    """Write a checkpoint atomically (temporary file, fsync, rename)."""
+    io.torch_save(path, {"format_version": FORMAT_VERSION, **state})
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint without executing code from it; unreadable files raise `LabError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise LabError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LabError(
+            f"checkpoint {path} is corrupt or not a lab checkpoint ({first}). "
+            "Delete or move it to start afresh, or point `checkpoint=`/`hydra.run.dir=` at a good one."
+        ) from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        found = state.get("format_version") if isinstance(state, dict) else type(state).__name__
+        raise LabError(
+            f"checkpoint {path} has format {found!r}, this lab reads format {FORMAT_VERSION}; "
+            "it was written by another program or version."
+        )
+    return state
+
+
+def load_state(target: Any, state: dict[str, Any], what: str, path: str | Path) -> None:
+    """`target.load_state_dict(state)`, turning a mismatch into a `LabError` that says what differs."""
+    try:
+        target.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        detail = " ".join(str(e).split())[:600]
+        raise LabError(
+            f"checkpoint {path} does not fit this run's {what} ({detail}). "
+            "Resume with the configuration it was written with, or start a new run directory."
+        ) from None
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator a run draws from, in a form `weights_only` loading accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                  "has_gauss": has_gauss, "gauss": gauss},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,113 @@
+"""`python -m lab +experiment=NAME key=value ...`: compose the Hydra config, build the task, train."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from lab import distributed
+from lab.errors import LabError
+from lab.logger import RunLogger
+from lab.task import RunContext, Task
+from lab.trainer import Trainer, check_config, resolve_device
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def experiments() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+def _usage(problem: str) -> str:
+    return (f"{problem}\nAvailable experiments: {', '.join(experiments())}\n"
+            "Run one with: python -m lab +experiment=NAME [key=value ...]")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Train the configured task; returns its main metric (the objective for sweepers)."""
+    if not cfg.get("task"):
+        raise LabError(_usage("No experiment chosen."))
+    check_config(cfg.trainer)
+    info = distributed.from_env()
+    device = resolve_device(cfg.trainer.device, info.local_rank)
+    distributed.init(info, device)
+    logger = None
+    try:
+        run_dir = Path(distributed.broadcast(HydraConfig.get().runtime.output_dir, info))
+        seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
+        config = OmegaConf.to_container(cfg, resolve=True)
+        logger = RunLogger(cfg.logger, run_dir, config, enabled=info.is_main)
+        ctx = RunContext(device=device, dist=info, logger=logger, run_dir=run_dir, seed=int(cfg.seed))
+        try:
+            task_cls = hydra.utils.get_class(cfg.task)
+        except Exception:  # noqa: BLE001
+            raise LabError(f"task={cfg.task!r} is not an importable class (module.Class)") from None
+        if not issubclass(task_cls, Task):
+            raise LabError(f"task={cfg.task!r} is not a lab.task.Task")
+        task = task_cls(cfg, ctx)
+        trainer = Trainer(cfg.trainer, ctx, config)
+        summary = trainer.fit(task, resume=bool(cfg.resume))
+    finally:
+        if logger is not None:
+            logger.finish()
+        distributed.shutdown()
+    if trainer.stop_signal is not None:
+        print(f"[lab] stopped at step {summary['step']}; continue with resume=true hydra.run.dir={run_dir}",
+              file=sys.stderr, flush=True)
+        sys.exit(128 + trainer.stop_signal)
+    return summary.get(task.main_metric) if task.main_metric else None
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        return run(cfg)
+    except LabError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `python -m lab` and the `lab` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for arg in argv:
+        m = re.fullmatch(r"\+{0,2}experiment=(.*)", arg)
+        if m:
+            unknown = [n for n in m.group(1).split(",") if n not in experiments()]
+            if unknown:
+                print(f"error: {_usage(f'Unknown experiment: {unknown[0]!r}.')}", file=sys.stderr)
+                sys.exit(2)
+    info = distributed.from_env()
+    scratch = None
+    if info.enabled and not info.is_main:
+        # Only rank 0 writes the run directory; the other ranks learn its path from rank 0.
+        scratch = tempfile.mkdtemp(prefix=f"lab-rank{info.rank}-")
+        argv = [a for a in argv if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
+        argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
+    sys.argv = [sys.argv[0], *argv]
+    try:
+        hydra_main()
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)

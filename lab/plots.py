@@ -1,0 +1,56 @@
+"""Learning curves from `metrics.jsonl`, so a run is readable without W&B."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a `metrics.jsonl`, skipping a torn last line."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def plot_curves(path: str | Path):
+    """One panel per metric name, `train/x` and `eval/x` drawn together against `step`."""
+    series: dict[str, dict[str, tuple[list, list]]] = defaultdict(dict)
+    for row in read_metrics(path):
+        for key, value in row.items():
+            if "/" not in key or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if not math.isfinite(value) or key in ("train/epoch",):
+                continue
+            split, name = key.split("/", 1)
+            xs, ys = series[name].setdefault(split, ([], []))
+            xs.append(row["step"])
+            ys.append(value)
+    if not series:
+        return None
+    names = sorted(series, key=lambda n: (n not in ("loss", "accuracy"), n))
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        for split, (xs, ys) in sorted(series[name].items()):
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, label=split)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,75 @@
+"""The contract between a task (model, loss, data, evaluation) and the trainer (everything else).
+
+A task is an `nn.Module` that owns its networks. The trainer calls, in this order:
+
+    task = TaskClass(cfg, ctx)            # build networks and data (ctx: device, ranks, logger)
+    task.optimizers(total_steps)          # {"name": optimizer} or {"name": (optimizer, scheduler)}
+    for each step:
+        task.training_step(batch, optim)  # forward, then optim.step("name", loss) per update phase
+    task.evaluate()                       # every N steps and at the end: {"metric": value}
+
+`optim.step(name, loss)` does backward, gradient scaling (fp16), clipping, the optimizer and
+scheduler steps for the optimizer called `name`. A task with several networks or update
+phases (a GAN's discriminator then generator; a DQN acting then learning) calls it once per
+phase. Precision, devices, DDP, compile, checkpoints and logging stay in the trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Protocol
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from lab.distributed import DistInfo
+from lab.logger import RunLogger
+
+
+@dataclass
+class RunContext:
+    """What a task may know about the run it is in."""
+
+    device: torch.device
+    dist: DistInfo
+    logger: RunLogger  # media helpers: log_image, log_video, log_table
+    run_dir: Path
+    seed: int
+
+
+class Optim(Protocol):
+    def step(self, name: str, loss: torch.Tensor) -> None: ...
+
+
+class Task(nn.Module):
+    """Base class for every experiment's task. Child modules are moved, compiled and DDP-wrapped by the trainer."""
+
+    main_metric: str | None = None  # e.g. "eval/accuracy": chooses best.pt and the sweep objective
+    main_mode: str = "max"  # or "min"
+
+    def __init__(self, cfg: DictConfig, ctx: RunContext):
+        super().__init__()
+        self.cfg = cfg
+        self.ctx = ctx
+
+    def optimizers(self, total_steps: int | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def train_data(self) -> Iterable[Any]:
+        """One epoch of batches (may be endless); `set_epoch(epoch)` is called when present."""
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, optim: Optim) -> dict[str, Any]:
+        """One step; returns scalars to log under `train/` (tensors are fine: no sync needed)."""
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        """Metrics to log under `eval/`; called on rank 0 in eval mode under `torch.no_grad`."""
+        return {}
+
+    def samples_in(self, batch: Any) -> int | None:
+        """How many samples a batch holds (for samples/s); the leading size of its first tensor."""
+        first = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return first.shape[0] if isinstance(first, torch.Tensor) else None

@@ -1,0 +1,377 @@
+"""The common trainer: device, precision, compile, DDP, the training loop, evaluation,
+checkpoint and resume, signals, progress and logging. Tasks know models and losses only.
+
+    step = 0
+    for each epoch, for each batch:
+        metrics = task.training_step(batch, optim)   # under autocast; optim.step does the rest
+        every log_every steps: log train/ and perf/ metrics
+        every eval_every steps (and at epoch ends, and at the end): log eval/, save best.pt
+        every checkpoint_every steps (and on SIGINT/SIGTERM, and at the end): save last.pt
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from lab import checkpoint, distributed
+from lab.errors import LabError
+from lab.task import RunContext, Task
+
+PRECISIONS: dict[str, torch.dtype | None] = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse bad trainer settings before anything runs."""
+    if str(cfg.precision) not in PRECISIONS:
+        raise LabError(f"trainer.precision={cfg.precision!r} is not supported; use one of 32, bf16, fp16")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(cfg.device)):
+        raise LabError(f"trainer.device={cfg.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    for key in ("max_steps", "max_epochs", "log_every", "eval_every", "checkpoint_every"):
+        value = cfg.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise LabError(f"trainer.{key}={value!r} must be a positive integer or null")
+    if cfg.get("grad_clip") is not None and not (isinstance(cfg.grad_clip, (int, float)) and cfg.grad_clip > 0):
+        raise LabError(f"trainer.grad_clip={cfg.grad_clip!r} must be a positive number or null")
+    if cfg.max_steps is None and cfg.max_epochs is None:
+        raise LabError("set a budget: trainer.max_steps=N or trainer.max_epochs=N")
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """`auto` picks CUDA (this process's local rank), then MPS, then CPU; explicit choices are checked."""
+    spec = str(spec)
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise LabError(f"trainer.device={spec} but no CUDA device is visible; use trainer.device=auto or cpu")
+        index = int(spec.split(":")[1]) if ":" in spec else local_rank
+        if index >= torch.cuda.device_count():
+            raise LabError(f"trainer.device={spec}: only {torch.cuda.device_count()} CUDA device(s) here")
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    if spec == "mps" and not mps:
+        raise LabError("trainer.device=mps but MPS is not available; use trainer.device=auto or cpu")
+    return torch.device(spec)
+
+
+class Optimizers:
+    """What a task's `training_step` calls to update: `optim.step("name", loss)`."""
+
+    def __init__(self, named: dict[str, Any], device: torch.device, precision: str, grad_clip: float | None):
+        self.named: dict[str, tuple[torch.optim.Optimizer, Any]] = {
+            k: (v if isinstance(v, tuple) else (v, None)) for k, v in named.items()}
+        self.device_type = device.type
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.grad_clip = grad_clip
+        self.grad_norms: dict[str, torch.Tensor] = {}
+
+    def step(self, name: str, loss: torch.Tensor) -> None:
+        if name not in self.named:
+            raise LabError(f"training_step asked for optimizer {name!r}; the task defines {list(self.named)}")
+        opt, sched = self.named[name]
+        opt.zero_grad(set_to_none=True)  # before backward: a later phase may leave grads here (GANs)
+        with torch.autocast(self.device_type, enabled=False):
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+        if self.grad_clip:
+            if self.scaler:
+                self.scaler.unscale_(opt)
+            params = [p for g in opt.param_groups for p in g["params"]]
+            self.grad_norms[name] = nn.utils.clip_grad_norm_(params, self.grad_clip)
+        if self.scaler:
+            self.scaler.step(opt)
+        else:
+            opt.step()
+        if sched is not None:
+            sched.step()
+
+    def end_step(self) -> None:
+        if self.scaler:
+            self.scaler.update()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizers": {k: o.state_dict() for k, (o, _) in self.named.items()},
+            "schedulers": {k: s.state_dict() for k, (_, s) in self.named.items() if s is not None},
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
+        if set(state["optimizers"]) != set(self.named):
+            raise LabError(f"checkpoint {path} has optimizers {sorted(state['optimizers'])}, this run "
+                           f"{sorted(self.named)}; resume with the configuration it was written with")
+        for k, (opt, sched) in self.named.items():
+            checkpoint.load_state(opt, state["optimizers"][k], f"optimizer {k!r}", path)
+            if sched is not None and k in state["schedulers"]:
+                horizon = getattr(sched, "total_steps", None)
+                checkpoint.load_state(sched, state["schedulers"][k], f"scheduler {k!r}", path)
+                if horizon is not None and sched.total_steps != horizon:
+                    raise LabError(f"the learning-rate schedule of checkpoint {path} spans {sched.total_steps} "
+                                   f"steps, this run {horizon}; resume with the same trainer.max_epochs")
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def lrs(self) -> dict[str, float]:
+        single = len(self.named) == 1
+        return {("lr" if single else f"lr_{k}"): o.param_groups[0]["lr"] for k, (o, _) in self.named.items()}
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, ctx: RunContext, config: dict[str, Any]):
+        check_config(cfg)
+        self.cfg, self.ctx, self.config = cfg, ctx, config
+        self.device, self.dist, self.logger = ctx.device, ctx.dist, ctx.logger
+        self.ckpt_dir = ctx.run_dir / "checkpoints"
+        self.precision = str(cfg.precision)
+        self._raw: dict[str, nn.Module] = {}  # child modules before DDP wrapping
+        self.stop_signal: int | None = None  # the signal that asked this run to stop
+        self.best: dict[str, Any] = {}
+        self._clock = (time.perf_counter(), 0.0)  # (start of this process's loop, seconds before it)
+
+    def elapsed(self) -> float:
+        """Seconds of this run's training loop so far, over all its resumes."""
+        start, before = self._clock
+        return before + time.perf_counter() - start
+
+    # ---- precision and module wrapping ----------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dtype = PRECISIONS[self.precision]
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    def _prepare(self, task: Task) -> None:
+        """Compile and DDP-wrap each child module that trains."""
+        for name, child in task.named_children():
+            if not any(p.requires_grad for p in child.parameters()):
+                continue
+            if self.cfg.compile:
+                child.compile()
+            if self.dist.enabled:
+                self._raw[name] = child
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                setattr(task, name, DistributedDataParallel(child, device_ids=ids))
+
+    @contextlib.contextmanager
+    def unwrapped(self, task: Task) -> Iterator[Task]:
+        """The task with its plain (not DDP-wrapped) children: for state dicts and evaluation."""
+        wrapped = {name: getattr(task, name) for name in self._raw}
+        for name, child in self._raw.items():
+            setattr(task, name, child)
+        try:
+            yield task
+        finally:
+            for name, child in wrapped.items():
+                setattr(task, name, child)
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def _state(self, task: Task, optim: Optimizers, counters: dict[str, Any]) -> dict[str, Any]:
+        with self.unwrapped(task):
+            task_state = task.state_dict()
+        return {**counters, "task": task_state, **optim.state_dict(), "rng": checkpoint.rng_state(),
+                "best": self.best, "logger_run_id": self.logger.run_id, "config": self.config}
+
+    def _save(self, name: str, state: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            checkpoint.save(self.ckpt_dir / name, state)
+
+    def _restore(self, task: Task, optim: Optimizers, path: Path) -> dict[str, Any]:
+        state = checkpoint.load(path, map_location=self.device)
+        with self.unwrapped(task):
+            checkpoint.load_state(task, state["task"], "task (model) state", path)
+        optim.load_state_dict(state, path)
+        self.best = dict(state.get("best") or {})
+        return state
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def fit(self, task: Task, resume: bool = False) -> dict[str, Any]:
+        cfg, log = self.cfg, self.logger
+        data = task.train_data()
+        per_epoch = len(data) if hasattr(data, "__len__") else None
+        if cfg.max_steps is None and per_epoch is None:
+            raise LabError("this task's data has no epochs; set trainer.max_steps")
+        # Schedules span the epoch budget; max_steps only stops early (so a resumed run keeps its schedule).
+        horizon = cfg.max_epochs * per_epoch if cfg.max_epochs and per_epoch else cfg.max_steps
+        task.to(self.device)
+        if cfg.get("channels_last"):
+            task.to(memory_format=torch.channels_last)
+        optim = Optimizers(task.optimizers(horizon), self.device, self.precision, cfg.get("grad_clip"))
+
+        counters = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "last_eval_step": -1, "elapsed_s": 0.0}
+        state = None
+        if resume:
+            path = self.ckpt_dir / "last.pt"
+            if not path.exists():
+                raise LabError(f"resume=true but there is no checkpoint at {path}; pass the run's directory "
+                               "as hydra.run.dir=..., or drop resume=true to start a new run")
+            state = self._restore(task, optim, path)
+            counters.update({k: state[k] for k in counters if k in state})
+        self._prepare(task)
+        log.start(resume_step=counters["step"] if state else None, run_id=state and state.get("logger_run_id"))
+        log.step = counters["step"]
+        if state:
+            print(f"[lab] resumed from {self.ckpt_dir / 'last.pt'} at step {counters['step']}", flush=True)
+
+        step, epoch = counters["step"], counters["epoch"]
+        max_steps = cfg.max_steps or math.inf
+        max_epochs = cfg.max_epochs or math.inf
+        window: dict[str, torch.Tensor] = {}
+        n_window, samples_window, t_window = 0, 0, time.perf_counter()
+        self._clock = (time.perf_counter(), counters["elapsed_s"])
+        bar = tqdm(total=None if horizon is None else min(horizon, max_steps), initial=step, unit="step",
+                   disable=not (self.dist.is_main and cfg.progress), dynamic_ncols=True, mininterval=1.0)
+        previous = self._install_signal_handlers()
+        stopped = False
+        rng_restored = state is None
+        batch_in_epoch = counters["batch_in_epoch"]
+
+        def snapshot() -> dict[str, Any]:
+            return {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "last_eval_step":
+                    counters["last_eval_step"], "elapsed_s": self.elapsed()}
+
+        try:
+            task.train()
+            while step < max_steps and epoch < max_epochs:
+                if hasattr(data, "set_epoch"):
+                    data.set_epoch(epoch)
+                batches = iter(data)
+                for _ in range(batch_in_epoch):  # a resumed run skips what it already trained on
+                    next(batches, None)
+                if not rng_restored:  # after the skip, so the run continues with the saved random state
+                    checkpoint.set_rng_state(state["rng"])
+                    rng_restored = True
+                for batch in batches:
+                    batch = _to_device(batch, self.device)
+                    with self.autocast():
+                        out = task.training_step(batch, optim)
+                    optim.end_step()
+                    step += 1
+                    batch_in_epoch += 1
+                    log.step = step
+                    bar.update(1)
+                    for k, v in {**(out or {}), **{f"grad_norm_{k}" if len(optim.named) > 1 else "grad_norm": v
+                                                   for k, v in optim.grad_norms.items()}}.items():
+                        v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+                        window[k] = window[k] + v if k in window else v
+                    n_window += 1
+                    samples_window += (task.samples_in(batch) or 0) * self.dist.world_size
+
+                    stopped = distributed.any_rank(self.stop_signal is not None, self.dist, self.device)
+                    if step % cfg.log_every == 0 or stopped or step >= max_steps:
+                        dt = time.perf_counter() - t_window
+                        metrics = {f"train/{k}": (v / n_window).item() for k, v in window.items()}
+                        metrics.update({f"train/{k}": v for k, v in optim.lrs().items()})
+                        metrics.update({"train/epoch": epoch + batch_in_epoch / per_epoch if per_epoch else epoch,
+                                        "perf/steps_per_sec": n_window / dt, "perf/elapsed_s": self.elapsed()})
+                        if samples_window:
+                            metrics["perf/samples_per_sec"] = samples_window / dt
+                        log.log(metrics)
+                        bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()
+                                         if k in ("train/loss", "perf/samples_per_sec", "perf/steps_per_sec")})
+                        window, n_window, samples_window, t_window = {}, 0, 0, time.perf_counter()
+                    if stopped:
+                        break
+                    t_pause = time.perf_counter()  # evaluation and saving do not count against throughput
+                    if cfg.eval_every and step % cfg.eval_every == 0:
+                        self._evaluate(task, optim, counters, snapshot)
+                    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                        self._save("last.pt", self._state(task, optim, snapshot()))
+                    t_window += time.perf_counter() - t_pause
+                    if step >= max_steps:
+                        break
+                else:  # the epoch ran out
+                    epoch += 1
+                    batch_in_epoch = 0
+                    if cfg.get("eval_each_epoch") and counters["last_eval_step"] != step:
+                        self._evaluate(task, optim, counters, snapshot)
+                    continue
+                break  # max_steps or a signal
+            if not stopped and counters["last_eval_step"] != step:
+                self._evaluate(task, optim, counters, snapshot)
+            self._save("last.pt", self._state(task, optim, snapshot()))
+        finally:
+            bar.close()
+            self._restore_signal_handlers(previous)
+        return self._finish(task, snapshot(), "interrupted" if stopped else "completed")
+
+    def _evaluate(self, task: Task, optim: Optimizers, counters: dict[str, Any], snapshot) -> None:
+        counters["last_eval_step"] = self.logger.step
+        if self.dist.is_main:
+            t0 = time.perf_counter()
+            with self.unwrapped(task), torch.no_grad(), self.autocast():
+                task.eval()
+                try:
+                    metrics = {f"eval/{k}": v for k, v in task.evaluate().items()}
+                finally:
+                    task.train()
+            metrics["perf/eval_seconds"] = time.perf_counter() - t0
+            metrics["perf/elapsed_s"] = self.elapsed()
+            self.logger.log(metrics)
+            name, mode = task.main_metric, task.main_mode
+            if name and name in metrics:
+                value = float(metrics[name])
+                old = self.best.get("value")
+                if old is None or (value > old if mode == "max" else value < old):
+                    self.best = {"metric": name, "value": value, "step": self.logger.step}
+                    self._save("best.pt", self._state(task, optim, snapshot()))
+        distributed.barrier(self.dist)
+
+    def _finish(self, task: Task, counters: dict[str, Any], status: str) -> dict[str, Any]:
+        extra: dict[str, Any] = {"step": counters["step"], "epoch": counters["epoch"], "status": status,
+                                 "elapsed_s": round(counters["elapsed_s"], 3), "main_metric": task.main_metric}
+        if self.best:
+            extra[f"best/{self.best['metric']}"] = self.best["value"]
+            extra["best/step"] = self.best["step"]
+        summary = self.logger.summary(extra)
+        if self.dist.is_main:
+            from lab.plots import plot_curves
+
+            try:
+                fig = plot_curves(self.logger.metrics_path)
+                if fig is not None:
+                    self.logger.log_image("curves", fig)
+            except Exception as e:  # noqa: BLE001 - a plot must never cost the run's results
+                print(f"[lab] could not plot curves: {e}", flush=True)
+        return summary
+
+    # ---- signals --------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        previous: dict[int, Any] = {}
+
+        def handler(signum: int, _frame: Any) -> None:
+            self.stop_signal = signum
+            print(f"\n[lab] {signal.Signals(signum).name}: saving a checkpoint, then stopping "
+                  "(send it again to stop at once)", flush=True)
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+        try:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                previous[s] = signal.signal(s, handler)
+        except ValueError:  # not the main thread: no handlers
+            pass
+        return previous
+
+    def _restore_signal_handlers(self, previous: dict[int, Any]) -> None:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch

@@ -1,0 +1,47 @@
+"""Shared helpers: run `python -m lab` in a subprocess on a small slice of the real MNIST."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("LAB_DATA_DIR") or REPO.parent / "shared" / "data")
+
+# A run of a few steps: 1,000 training images in batches of 50, 500 test images.
+SMALL = ["logger=none", "trainer.progress=false", "data.subset=1000", "data.test_subset=500",
+         "data.batch_size=50", "trainer.log_every=5", "trainer.eval_every=10", "trainer.checkpoint_every=10"]
+
+
+def lab_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(LAB_DATA_DIR=str(DATA), HOME=str(tmp_path / "home"), NETRC=str(tmp_path / "no-netrc"),
+               TORCHINDUCTOR_CACHE_DIR=str(REPO / ".cache" / "inductor"), SB3_LOGDIR=str(tmp_path / "sb3"),
+               PYTHONUNBUFFERED="1", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"))
+    env.update(extra)
+    return env
+
+
+def run_lab(tmp_path: Path, *args: str, env: dict[str, str] | None = None, timeout: int = 240,
+            module: tuple[str, ...] = ("-m", "lab")) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *module, *args], cwd=tmp_path, env=env or lab_env(tmp_path),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_perf(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _need_data():
+    if not (DATA / "mnist").is_dir() and not (DATA / "MNIST").is_dir():
+        pytest.exit(f"MNIST not found under {DATA}: set LAB_DATA_DIR (see README)", returncode=2)

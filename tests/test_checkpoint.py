@@ -1,0 +1,57 @@
+"""Checkpoint files: atomic writes, safe loading, RNG state round trip."""
+
+from __future__ import annotations
+
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lab import checkpoint, io
+from lab.errors import LabError
+
+
+def test_interrupted_save_leaves_the_old_file(tmp_path: Path) -> None:
+    path = tmp_path / "last.pt"
+    checkpoint.save(path, {"step": 1})
+
+    class Boom:
+        def __reduce__(self):
+            raise KeyboardInterrupt  # as if the process were stopped in the middle of the write
+
+    with pytest.raises(KeyboardInterrupt):
+        io.torch_save(path, {"step": 2, "x": Boom()})
+    assert checkpoint.load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_load_refuses_code_and_garbage(tmp_path: Path) -> None:
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "x": Evil()}, path)
+    with pytest.raises(LabError, match="corrupt or not a lab checkpoint"):
+        checkpoint.load(path)
+    path.write_bytes(pickle.dumps([1, 2]))
+    with pytest.raises(LabError, match="corrupt"):
+        checkpoint.load(path)
+    torch.save({"weights": torch.zeros(1)}, path)
+    with pytest.raises(LabError, match="format"):
+        checkpoint.load(path)
+    with pytest.raises(LabError, match="no checkpoint"):
+        checkpoint.load(tmp_path / "missing.pt")
+
+
+def test_rng_state_round_trip_through_a_file(tmp_path: Path) -> None:
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    checkpoint.save(tmp_path / "c.pt", {"rng": checkpoint.rng_state()})
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    checkpoint.set_rng_state(checkpoint.load(tmp_path / "c.pt")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected

@@ -1,0 +1,117 @@
+"""Data sets from their on-disk formats, the on-device loader, augmentation."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DATA
+from lab import augment, data
+from lab.errors import LabError
+
+
+def test_full_mnist_and_fashion_mnist_load() -> None:
+    for name in ("mnist", "fashion_mnist"):
+        train, test = data.load(name, "train", DATA, download=False), data.load(name, "test", DATA, download=False)
+        assert train.images.shape == (60000, 1, 28, 28) and train.images.dtype == torch.uint8
+        assert test.images.shape == (10000, 1, 28, 28) and set(test.labels.unique().tolist()) == set(range(10))
+    assert not torch.equal(data.load("mnist", "test", DATA).images[:10],
+                           data.load("fashion_mnist", "test", DATA).images[:10])
+
+
+def test_missing_files_offline_say_what_to_put_where(tmp_path: Path) -> None:
+    with pytest.raises(LabError, match=r"t10k-images-idx3-ubyte\.gz.*MNIST/raw"):
+        data.load("mnist", "test", tmp_path, download=False)
+    with pytest.raises(LabError, match="data_batch_1.*cifar-10-batches-py"):
+        data.load("cifar10", "train", tmp_path, download=True)  # no network here: the download fails
+
+
+def test_idx_files_in_torchvision_layout_and_bad_files(tmp_path: Path) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = np.arange(3 * 28 * 28, dtype=np.uint32).astype(np.uint8).reshape(3, 28, 28)
+    header = bytes([0, 0, 8, 3]) + b"".join(int(d).to_bytes(4, "big") for d in images.shape)
+    (raw / "t10k-images-idx3-ubyte").write_bytes(header + images.tobytes())
+    with gzip.open(raw / "t10k-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 1]) + (3).to_bytes(4, "big") + bytes([4, 2, 7]))
+    split = data.load("mnist", "test", tmp_path, download=False)
+    assert torch.equal(split.images[:, 0], torch.from_numpy(images)) and split.labels.tolist() == [4, 2, 7]
+    (raw / "t10k-images-idx3-ubyte").write_bytes(header + images.tobytes()[:100])
+    with pytest.raises(LabError, match="truncated"):
+        data.load("mnist", "test", tmp_path, download=False)
+
+
+def _cifar_batch(path: Path, n: int, seed: int) -> tuple[np.ndarray, list[int]]:
+    rng = np.random.default_rng(seed)
+    images, labels = rng.integers(0, 256, (n, 3072), dtype=np.uint8), rng.integers(0, 10, n).tolist()
+    with open(path, "wb") as f:  # CIFAR's python format: a pickled dict with bytes keys
+        pickle.dump({b"batch_label": b"x", b"labels": labels, b"data": images, b"filenames": []}, f, protocol=2)
+    return images, labels
+
+
+def test_cifar10_reads_the_real_on_disk_format(tmp_path: Path) -> None:
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    parts = [_cifar_batch(folder / f"data_batch_{i}", 4, i) for i in range(1, 6)]
+    _cifar_batch(folder / "test_batch", 3, 9)
+    train = data.load("cifar10", "train", tmp_path, download=False)
+    assert train.images.shape == (20, 3, 32, 32) and train.labels.tolist() == sum((p[1] for p in parts), [])
+    assert torch.equal(train.images[0], torch.from_numpy(parts[0][0][0].reshape(3, 32, 32)))
+    assert data.load("cifar10", "test", tmp_path, download=False).images.shape == (3, 3, 32, 32)
+
+
+def test_cifar_loader_refuses_pickles_that_run_code(tmp_path: Path) -> None:
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for i in range(1, 6):
+        _cifar_batch(folder / f"data_batch_{i}", 2, i)
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("open('pwned', 'w').write('x')",))
+
+    (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": Evil(), b"labels": [0]}))
+    with pytest.raises(LabError, match="not a CIFAR python batch"):
+        data.load("cifar10", "train", tmp_path, download=False)
+    assert not Path("pwned").exists()
+
+
+def test_tensor_loader_shards_ranks_and_repeats_epochs() -> None:
+    x = torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1)
+    y = torch.arange(100)
+    seen = []
+    for rank in range(2):
+        loader = data.TensorLoader(x, y, 10, seed=3, rank=rank, world_size=2)
+        assert len(loader) == 5
+        loader.set_epoch(1)
+        seen.append(torch.cat([b[1] for b in loader]))
+    assert set(seen[0].tolist()).isdisjoint(seen[1].tolist()) and len(set(torch.cat(seen).tolist())) == 100
+    loader = data.TensorLoader(x, y, 10, seed=3)
+    loader.set_epoch(1)
+    first = torch.cat([b[1] for b in loader])
+    loader.set_epoch(2)
+    assert not torch.equal(first, torch.cat([b[1] for b in loader]))
+    loader.set_epoch(1)
+    assert torch.equal(first, torch.cat([b[1] for b in loader]))  # an epoch's order is reproducible
+    assert all(torch.equal(bx.view(-1), by.to(torch.uint8)) for bx, by in loader)  # images stay with labels
+    with pytest.raises(LabError, match="batch"):
+        data.TensorLoader(x[:5], y[:5], 10)
+
+
+def test_augmentation_keeps_shapes_and_content() -> None:
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    assert torch.equal(augment.random_crop(x, 0), x)
+    out = augment.augmenter(crop_padding=2, hflip=0.5)(x)
+    assert out.shape == x.shape
+    flipped = augment.random_hflip(x, p=1.0)
+    assert torch.equal(flipped, x.flip(-1))
+    torch.manual_seed(0)
+    crops = augment.random_crop(x, 1)
+    for i in range(2):  # each crop is a window of the zero-padded image
+        padded = torch.nn.functional.pad(x[i], (1, 1, 1, 1))
+        assert any(torch.equal(crops[i], padded[:, a:a + 8, b:b + 8]) for a in range(3) for b in range(3))

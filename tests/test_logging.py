@@ -1,0 +1,77 @@
+"""The run logger: metrics.jsonl, W&B offline, media files, resume trimming, secrets."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from conftest import SMALL, lab_env, run_lab
+from lab.logger import RunLogger, wandb_key_configured
+
+
+def test_metrics_media_and_resume_trimming(tmp_path: Path) -> None:
+    log = RunLogger(OmegaConf.create({"backend": "none"}), tmp_path, {})
+    log.start()
+    for step in (1, 2, 3):
+        log.log({"train/loss": torch.tensor(1.0 / step), "eval/x": float("nan")}, step=step)
+    log.step = 3
+    img = log.log_image("eval/grid", torch.rand(3, 16, 16))
+    vid = log.log_video("eval/video", np.zeros((5, 16, 16, 3), dtype=np.uint8), fps=5)
+    tab = log.log_table("eval/table", ["a", "b"], [[1, "x"], [2, "y"]])
+    log.finish()
+    assert img.stat().st_size > 0 and vid.stat().st_size > 0 and img.name == "eval_grid_00000003.png"
+    assert tab.read_text().splitlines() == ["a,b", "1,x", "2,y"]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[0]["eval/x"] == "nan"
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "train/lo')  # a torn line from a killed process
+    log = RunLogger(OmegaConf.create({"backend": "none"}), tmp_path, {})
+    log.start(resume_step=2)
+    log.finish()
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert log.last["train/loss"] == 0.5
+
+
+def test_wandb_offline_media_and_resume_id(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = OmegaConf.create({"backend": "wandb", "project": "t", "init_timeout": 30})
+    log = RunLogger(cfg, tmp_path, {"lr": 0.1})
+    log.start()
+    log.log({"train/loss": 1.0}, step=1)
+    log.log_image("eval/img", np.zeros((8, 8, 3), dtype=np.uint8))
+    log.log_video("eval/video", np.zeros((4, 16, 16, 3), dtype=np.uint8), fps=4)
+    run_id = log.run_id
+    log.finish()
+    assert run_id and len(list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))) == 1
+    log = RunLogger(cfg, tmp_path, {"lr": 0.1})
+    log.start(resume_step=1, run_id=run_id)
+    assert log.run_id == run_id
+    log.finish()
+
+
+def test_key_detection(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert not wandb_key_configured()
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    os.chmod(tmp_path / "netrc", 0o600)
+    assert wandb_key_configured()
+
+
+def test_api_key_never_reaches_the_run_directory(tmp_path: Path) -> None:
+    secret = "0123456789abcdef0123456789abcdef01234567"
+    env = lab_env(tmp_path, WANDB_API_KEY=secret, WANDB_MODE="offline")
+    run_dir = tmp_path / "run"
+    p = run_lab(tmp_path, "+experiment=mnist_cnn", "trainer.max_steps=5", f"hydra.run.dir={run_dir}",
+                *[a for a in SMALL if a != "logger=none"], env=env)
+    assert p.returncode == 0, p.stderr
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+    for f in run_dir.rglob("*"):
+        if f.is_file():
+            assert secret.encode() not in f.read_bytes(), f
+    assert secret not in p.stdout + p.stderr

@@ -1,0 +1,1 @@
+"""Supervised vision: models and the classification task."""

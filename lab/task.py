@@ -16,9 +16,10 @@ phase. Precision, devices, DDP, compile, checkpoints and logging stay in the tra
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 import torch
 from omegaconf import DictConfig

@@ -140,3 +140,11 @@ def test_ddp_two_gloo_processes_train_and_only_rank_0_writes(tmp_path: Path) -> 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == 10 and summary["epoch"] == 1 and summary["eval/accuracy"] > 0
     assert (run_dir / "checkpoints" / "last.pt").is_file()
+
+
+def test_lab_console_script_is_python_m_lab(tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "lab"
+    assert script.is_file(), "pip install -e . should have made the `lab` console script"
+    p = subprocess.run([str(script), "+experiment=nope"], cwd=tmp_path, env=lab_env(tmp_path),
+                       capture_output=True, text=True, timeout=120)
+    _fails_cleanly(p, "Unknown experiment: 'nope'", "mnist_cnn")

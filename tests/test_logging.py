@@ -75,3 +75,21 @@ def test_api_key_never_reaches_the_run_directory(tmp_path: Path) -> None:
         if f.is_file():
             assert secret.encode() not in f.read_bytes(), f
     assert secret not in p.stdout + p.stderr
+
+
+def test_wandb_failure_falls_back_to_offline_within_the_timeout(tmp_path: Path, monkeypatch) -> None:
+    import time
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there: init cannot reach W&B
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = OmegaConf.create({"backend": "wandb", "project": "t", "mode": "online", "init_timeout": 5})
+    log = RunLogger(cfg, tmp_path, {})
+    t0 = time.perf_counter()
+    log.start()
+    assert time.perf_counter() - t0 < 60
+    assert log.wandb is not None and log.wandb.settings.mode == "offline"
+    log.log({"train/loss": 1.0}, step=1)
+    log.finish()
+    assert (tmp_path / "metrics.jsonl").read_text().count("train/loss") == 1

@@ -122,3 +122,12 @@ def test_resolve_device() -> None:
         assert resolve_device("auto").type in ("cpu", "mps")
         with pytest.raises(LabError, match="no CUDA device"):
             resolve_device("cuda:0")
+
+
+def test_compile_trains_and_checkpoints_plain_weights(tmp_path: Path) -> None:
+    trainer, ctx = make_trainer(tmp_path, max_steps=3, compile=True)
+    task = TwoPhase(None, ctx)
+    summary = trainer.fit(task)
+    assert summary["step"] == 3 and torch.isfinite(torch.tensor(summary["train/d_loss"]))
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert set(state["task"]) == {"gen.weight", "gen.bias", "disc.weight", "disc.bias"}  # no _orig_mod. prefix

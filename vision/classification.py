@@ -70,18 +70,21 @@ class Classification(Task):
             self.ctx.logger.log_image("eval/misclassified", self._grid(*map(torch.cat, zip(*wrong))))
         return {"loss": loss / n, "accuracy": correct / n}
 
-    def _grid(self, images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor, n: int = 36):
-        """A figure of up to n misclassified images titled 'label -> prediction'."""
+    def _grid(self, images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor, n: int = 36, cols: int = 6):
+        """One figure of up to n misclassified images, each titled 'label → prediction'."""
+        from torchvision.utils import make_grid
+
         n = min(n, len(images))
-        cols = 6
-        rows = max(1, -(-n // cols))
-        fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.8), squeeze=False)
-        for ax in axes.flat:
-            ax.axis("off")
-        for ax, img, y, p in zip(axes.flat, images[:n], labels[:n], preds[:n]):
-            img = img.permute(1, 2, 0).numpy()
-            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray")
-            ax.set_title(f"{self.classes[y]} → {self.classes[p]}", fontsize=8, color="crimson")
-        fig.suptitle("misclassified test images: label → prediction", fontsize=9)
-        fig.tight_layout()
+        pad, size = 14, images.shape[-1]  # room above each image for its caption
+        grid = make_grid(images[:n], nrow=cols, padding=pad, pad_value=255).permute(1, 2, 0).numpy()
+        rows = -(-n // cols)
+        fig, ax = plt.subplots(figsize=(cols * 1.3, rows * 1.45))
+        ax.imshow(grid[..., 0] if images.shape[1] == 1 else grid, cmap="gray", vmin=0, vmax=255)
+        for i in range(n):
+            r, c = divmod(i, cols)
+            ax.text(pad + c * (size + pad) + size / 2, pad + r * (size + pad) - 2,
+                    f"{self.classes[labels[i]]} → {self.classes[preds[i]]}", ha="center", va="bottom",
+                    fontsize=6, color="crimson")
+        ax.set_title("misclassified test images: label → prediction", fontsize=8)
+        ax.axis("off")
         return fig

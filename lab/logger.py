@@ -176,6 +176,15 @@ class RunLogger:
         self._media(key, "Image", path, step, caption=caption)
         return path
 
+    def log_grid(self, key: str, images: torch.Tensor, nrow: int = 8, caption: str | None = None,
+                 step: int | None = None) -> Path | None:
+        """Save a batch of images (N, C, H, W; float in [0,1] or uint8) as one tiled PNG."""
+        from torchvision.utils import make_grid
+
+        images = images.detach().cpu()
+        images = images.float() / 255 if images.dtype == torch.uint8 else images.float().clamp(0, 1)
+        return self.log_image(key, make_grid(images, nrow=nrow, padding=2, pad_value=1.0), caption, step)
+
     def log_video(self, key: str, frames: Any, fps: int = 30, step: int | None = None) -> Path | None:
         """Save frames (T, H, W, C) uint8 as an mp4."""
         if not self.enabled:

@@ -34,6 +34,15 @@ def test_mnist_run_writes_everything_with_offline_wandb(tmp_path: Path) -> None:
         state = torch.load(run_dir / "checkpoints" / name, weights_only=True)
         assert "model.features.0.weight" in state["task"]
     assert state["logger_run_id"] == offline[0].name.split("-")[-1]
+    # Read the offline W&B run back: the config is the resolved Hydra config, metrics are namespaced.
+    wandb_cli = Path(sys.executable).parent / "wandb"
+    dump = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(offline[0])], capture_output=True,
+                          text=True, timeout=120).stdout
+    records = [json.loads(line) for line in dump.splitlines() if line.startswith("{")]
+    history = [r for r in records if r.get("type") == "history"]
+    assert any("train/loss" in json.dumps(r) for r in history) and any("eval/accuracy" in json.dumps(r)
+                                                                      for r in history)
+    assert any('"max_steps"' in json.dumps(r) for r in records if r.get("type") in ("run", "config"))
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert list((run_dir / "media").glob("eval_misclassified_*.png"))
     assert (run_dir / "media" / "curves_00000020.png").is_file()

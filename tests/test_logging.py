@@ -22,6 +22,10 @@ def test_metrics_media_and_resume_trimming(tmp_path: Path) -> None:
     log.step = 3
     img = log.log_image("eval/grid", torch.rand(3, 16, 16))
     vid = log.log_video("eval/video", np.zeros((5, 16, 16, 3), dtype=np.uint8), fps=5)
+    grid = log.log_grid("eval/samples", torch.rand(10, 1, 8, 8), nrow=5)
+    from PIL import Image
+
+    assert Image.open(grid).size == (5 * 10 + 2, 2 * 10 + 2)  # 5 x 2 tiles of 8 px with 2 px padding
     tab = log.log_table("eval/table", ["a", "b"], [[1, "x"], [2, "y"]])
     log.finish()
     assert img.stat().st_size > 0 and vid.stat().st_size > 0 and img.name == "eval_grid_00000003.png"

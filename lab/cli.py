@@ -16,7 +16,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from lab import distributed
+from lab import distributed, io
 from lab.errors import LabError
 from lab.logger import RunLogger
 from lab.task import RunContext, Task
@@ -57,6 +57,8 @@ def run(cfg: DictConfig) -> float | None:
         run_dir = Path(distributed.broadcast(HydraConfig.get().runtime.output_dir, info))
         seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
         config = OmegaConf.to_container(cfg, resolve=True)
+        if info.is_main:  # Hydra's .hydra/config.yaml keeps interpolations; this is what the run used
+            io.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(config))
         logger = RunLogger(cfg.logger, run_dir, config, enabled=info.is_main)
         ctx = RunContext(device=device, dist=info, logger=logger, run_dir=run_dir, seed=int(cfg.seed))
         try:

@@ -6,18 +6,15 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from lab.config import build
 from lab.errors import LabError
 
 
 def build_optimizer(cfg: DictConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """`cfg` names a torch optimizer (`_target_: torch.optim.Adam`, `lr: ...`)."""
-    try:
-        return instantiate(cfg, params)
-    except Exception as e:  # noqa: BLE001 - a config typo must not end in a traceback
-        raise LabError(f"cannot build the optimizer from {dict(cfg)}: {str(e).splitlines()[-1]}") from None
+    return build(cfg, "optimizer", params)
 
 
 def build_scheduler(cfg: DictConfig | None, optimizer: torch.optim.Optimizer, total_steps: int | None) -> Any:

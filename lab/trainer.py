@@ -294,7 +294,9 @@ class Trainer:
                     epoch += 1
                     batch_in_epoch = 0
                     if cfg.get("eval_each_epoch") and counters["last_eval_step"] != step:
+                        t_pause = time.perf_counter()
                         self._evaluate(task, optim, counters, snapshot)
+                        t_window += time.perf_counter() - t_pause
                     continue
                 break  # max_steps or a signal
             if not stopped and counters["last_eval_step"] != step:

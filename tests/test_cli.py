@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import SMALL, lab_env, read_metrics, run_lab, without_perf
+from conftest import DATA, SMALL, lab_env, read_metrics, run_lab, without_perf
 
 
 def test_mnist_run_writes_everything_with_offline_wandb(tmp_path: Path) -> None:
@@ -44,6 +44,7 @@ def test_mnist_run_writes_everything_with_offline_wandb(tmp_path: Path) -> None:
                                                                       for r in history)
     assert any('"max_steps"' in json.dumps(r) for r in records if r.get("type") in ("run", "config"))
     assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert f"root: {DATA}" in (run_dir / "config.yaml").read_text()  # the resolved config
     assert list((run_dir / "media").glob("eval_misclassified_*.png"))
     assert (run_dir / "media" / "curves_00000020.png").is_file()
 
@@ -114,7 +115,9 @@ def test_no_or_unknown_experiment_lists_the_experiments(tmp_path: Path) -> None:
 
 def test_bad_config_values_are_refused_before_anything_runs(tmp_path: Path) -> None:
     for arg, needle in [("trainer.precision=fp8", "trainer.precision"), ("trainer.device=tpu", "trainer.device"),
-                        ("trainer.max_steps=-3", "trainer.max_steps"), ("data.name=imagenet", "unknown data set")]:
+                        ("trainer.max_steps=-3", "trainer.max_steps"), ("data.name=imagenet", "unknown data set"),
+                        ("optimizer.lr=-1", "cannot build the optimizer"), ("data.batch_size=0", "batch size"),
+                        ("model._target_=vision.nope.Net", "cannot build the model")]:
         run_dir = tmp_path / arg.replace("=", "_")
         p = run_lab(tmp_path, *SMALL, "+experiment=mnist_cnn", arg, f"hydra.run.dir={run_dir}")
         _fails_cleanly(p, needle)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from lab import augment, data
+from lab.config import build
 from lab.optim import build_optimizer, build_scheduler
 from lab.plots import plt
 from lab.task import RunContext, Task
@@ -38,7 +38,7 @@ class Classification(Task):
             world_size=ctx.dist.world_size, transform=lambda x: self.normalize(aug(x)))
         self.eval_batch_size = d.eval_batch_size
         _, c, h, _ = train.images.shape
-        self.model = instantiate(cfg.model, in_channels=c, num_classes=len(self.classes), image_size=h)
+        self.model = build(cfg.model, "model", in_channels=c, num_classes=len(self.classes), image_size=h)
 
     def optimizers(self, total_steps: int | None) -> dict:
         opt = build_optimizer(self.cfg.optimizer, self.model.parameters())

@@ -88,7 +88,7 @@ def plain_loop(root: Path, epochs: int, seed: int) -> dict:
             to_target = elapsed
             break
     return {"per_epoch": curve, "seconds_to_99.0": to_target,
-            "samples_per_sec": round(60000 * len(curve) / train_s, 1)}  # training only, like the lab's
+            "samples_per_sec": round(len(train) * len(curve) / train_s, 1)}  # training only, like the lab's
 
 
 def lab_run(extra: list[str]) -> dict:
@@ -101,7 +101,7 @@ def lab_run(extra: list[str]) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/accuracy" in r]
     train = [r for r in rows if "perf/samples_per_sec" in r]
-    per_epoch, steps_per_epoch = [], 600
+    per_epoch, steps_per_epoch = [], round(train[0]["step"] / train[0]["train/epoch"])  # from the run's own log
     for r in evals:
         if r["step"] % steps_per_epoch == 0:
             per_epoch.append({"epoch": r["step"] // steps_per_epoch, "test_accuracy": r["eval/accuracy"],

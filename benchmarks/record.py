@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(RESULTS.parents[1]))  # the repository, for lab.io
 
 
 def machine() -> dict[str, Any]:
@@ -40,7 +41,6 @@ def machine() -> dict[str, Any]:
 
 def write(name: str, figures: dict[str, Any]) -> Path:
     """Write benchmarks/results/<name>.json with the figures, the machine and the command."""
-    sys.path.insert(0, str(RESULTS.parents[1]))
     from lab import io
 
     record = {"benchmark": name, "date": datetime.datetime.now().isoformat(timespec="seconds"),

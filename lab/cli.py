@@ -15,7 +15,9 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from lab import config as _config  # noqa: F401 - registers the ${ceil_div:...} resolver
 from lab import distributed, io
 from lab.errors import LabError
 from lab.logger import RunLogger
@@ -52,7 +54,7 @@ def run(cfg: DictConfig) -> float | None:
     info = distributed.from_env()
     device = resolve_device(cfg.trainer.device, info.local_rank)
     distributed.init(info, device)
-    logger = None
+    logger = task = None
     try:
         run_dir = Path(distributed.broadcast(HydraConfig.get().runtime.output_dir, info))
         seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
@@ -69,8 +71,17 @@ def run(cfg: DictConfig) -> float | None:
             raise LabError(f"task={cfg.task!r} is not a lab.task.Task")
         task = task_cls(cfg, ctx)
         trainer = Trainer(cfg.trainer, ctx, config)
-        summary = trainer.fit(task, resume=bool(cfg.resume))
+        if cfg.get("mode", "train") == "eval":
+            if not cfg.get("checkpoint"):
+                raise LabError("mode=eval needs checkpoint=PATH (a run's checkpoints/best.pt or last.pt)")
+            summary = trainer.evaluate_checkpoint(task, Path(str(cfg.checkpoint)))
+        elif cfg.get("mode", "train") == "train":
+            summary = trainer.fit(task, resume=bool(cfg.resume))
+        else:
+            raise LabError(f"mode={cfg.mode!r} is not a mode; use mode=train or mode=eval checkpoint=PATH")
     finally:
+        if task is not None:
+            task.close()
         if logger is not None:
             logger.finish()
         distributed.shutdown()
@@ -87,6 +98,9 @@ def hydra_main(cfg: DictConfig) -> float | None:
         return run(cfg)
     except LabError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except OmegaConfBaseException as e:  # a missing key or a failed interpolation in the config
+        print(f"error: config: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 

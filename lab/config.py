@@ -10,6 +10,16 @@ from omegaconf import DictConfig, OmegaConf
 from lab.errors import LabError
 
 
+def _ceil_div(a: Any, b: Any) -> int:
+    """`${ceil_div:a,b}`: how many b-sized steps cover a (e.g. trainer steps from an env-step budget)."""
+    if not (isinstance(a, int) and isinstance(b, int)) or a < 0 or b < 1:
+        raise LabError(f"ceil_div needs a non-negative and a positive integer, got {a!r} and {b!r}")
+    return -(-a // b)
+
+
+OmegaConf.register_new_resolver("ceil_div", _ceil_div, replace=True)
+
+
 def build(cfg: DictConfig, what: str, *args: Any, **kwargs: Any) -> Any:
     """`hydra.utils.instantiate(cfg, *args, **kwargs)`; a bad target or argument becomes a `LabError`."""
     try:

@@ -70,6 +70,13 @@ class Task(nn.Module):
         """Metrics to log under `eval/`; called on rank 0 in eval mode under `torch.no_grad`."""
         return {}
 
+    def close(self) -> None:
+        """Release what the task holds outside torch (environments); called once the run ends."""
+
+    def progress(self) -> dict[str, float]:
+        """Counters logged with every row besides the trainer's step (an agent's `env_steps`, `frames`)."""
+        return {}
+
     def samples_in(self, batch: Any) -> int | None:
         """How many samples a batch holds (for samples/s); the leading size of its first tensor."""
         first = batch[0] if isinstance(batch, (list, tuple)) else batch

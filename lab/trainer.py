@@ -152,13 +152,12 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     def _prepare(self, task: Task) -> None:
-        """Compile and DDP-wrap each child module that trains."""
+        """Compile each child module with parameters (a frozen target or feature net too); DDP-wrap those that train."""
         for name, child in task.named_children():
-            if not any(p.requires_grad for p in child.parameters()):
-                continue
-            if self.cfg.compile:
+            params = list(child.parameters())
+            if params and self.cfg.compile:
                 child.compile()
-            if self.dist.enabled:
+            if self.dist.enabled and any(p.requires_grad for p in params):
                 self._raw[name] = child
                 ids = [self.device.index] if self.device.type == "cuda" else None
                 setattr(task, name, DistributedDataParallel(child, device_ids=ids))
@@ -227,6 +226,7 @@ class Trainer:
         max_steps = cfg.max_steps or math.inf
         max_epochs = cfg.max_epochs or math.inf
         window: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}  # a task may report some values only on some steps (episode returns)
         n_window, samples_window, t_window = 0, 0, time.perf_counter()
         self._clock = (time.perf_counter(), counters["elapsed_s"])
         bar = tqdm(total=None if horizon is None else min(horizon, max_steps), initial=step, unit="step",
@@ -264,22 +264,25 @@ class Trainer:
                                                    for k, v in optim.grad_norms.items()}}.items():
                         v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
                         window[k] = window[k] + v if k in window else v
+                        counts[k] = counts.get(k, 0) + 1
                     n_window += 1
                     samples_window += (task.samples_in(batch) or 0) * self.dist.world_size
 
                     stopped = distributed.any_rank(self.stop_signal is not None, self.dist, self.device)
                     if step % cfg.log_every == 0 or stopped or step >= max_steps:
                         dt = time.perf_counter() - t_window
-                        metrics = {f"train/{k}": (v / n_window).item() for k, v in window.items()}
+                        metrics = {f"train/{k}": (v / counts[k]).item() for k, v in window.items()}
                         metrics.update({f"train/{k}": v for k, v in optim.lrs().items()})
                         metrics.update({"train/epoch": epoch + batch_in_epoch / per_epoch if per_epoch else epoch,
-                                        "perf/steps_per_sec": n_window / dt, "perf/elapsed_s": self.elapsed()})
+                                        "perf/steps_per_sec": n_window / dt, "perf/elapsed_s": self.elapsed(),
+                                        **task.progress()})
                         if samples_window:
                             metrics["perf/samples_per_sec"] = samples_window / dt
                         log.log(metrics)
                         bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()
                                          if k in ("train/loss", "perf/samples_per_sec", "perf/steps_per_sec")})
-                        window, n_window, samples_window, t_window = {}, 0, 0, time.perf_counter()
+                        window, counts, n_window, samples_window = {}, {}, 0, 0
+                        t_window = time.perf_counter()
                     if stopped:
                         break
                     t_pause = time.perf_counter()  # evaluation and saving do not count against throughput
@@ -319,6 +322,7 @@ class Trainer:
                     task.train()
             metrics["perf/eval_seconds"] = time.perf_counter() - t0
             metrics["perf/elapsed_s"] = self.elapsed()
+            metrics.update(task.progress())
             self.logger.log(metrics)
             name, mode = task.main_metric, task.main_mode
             if name and name in metrics:
@@ -328,6 +332,27 @@ class Trainer:
                     self.best = {"metric": name, "value": value, "step": self.logger.step}
                     self._save("best.pt", self._state(task, optim, snapshot()))
         distributed.barrier(self.dist)
+
+    def evaluate_checkpoint(self, task: Task, path: Path) -> dict[str, Any]:
+        """`mode=eval`: load a checkpoint's task state and evaluate it once (an agent plays and records)."""
+        if not path.is_file():
+            raise LabError(f"checkpoint={path} does not exist; pass a run's checkpoints/best.pt or last.pt")
+        task.to(self.device)
+        if self.cfg.get("channels_last"):
+            task.to(memory_format=torch.channels_last)
+        state = checkpoint.load(path, map_location=self.device)
+        checkpoint.load_state(task, state["task"], "task (model) state", path)
+        self.logger.start()
+        self.logger.step = int(state.get("step", 0))
+        t0 = time.perf_counter()
+        with torch.no_grad(), self.autocast():
+            task.eval()
+            metrics = {f"eval/{k}": v for k, v in task.evaluate().items()}
+        metrics.update({"perf/eval_seconds": time.perf_counter() - t0, **task.progress()})
+        self.logger.log(metrics)
+        print("[lab] " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))),
+              flush=True)
+        return self.logger.summary({"checkpoint": str(path), "status": "evaluated", "main_metric": task.main_metric})
 
     def _finish(self, task: Task, counters: dict[str, Any], status: str) -> dict[str, Any]:
         extra: dict[str, Any] = {"step": counters["step"], "epoch": counters["epoch"], "status": status,

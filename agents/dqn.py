@@ -1,0 +1,267 @@
+"""DQN on pixels or vectors: Nature-DQN network (optionally dueling), Double DQN, n-step returns,
+Huber loss, a target network (hard or Polyak), linear epsilon, replay of frames stored once.
+
+Every hyperparameter is in the experiment's yaml (`agent:` and `env:`); conf/experiment/dqn_pong.yaml
+is the fast recipe, dqn_pong_nature.yaml the classic one. One trainer step is one iteration:
+
+    for train_frequency / num_envs vector steps:        # acting: epsilon-greedy, all envs at once
+        send the actions to the envs (they step in C++ threads while ...)
+        ... gradient steps spread over the iteration:   # learning, overlapped with acting
+            sample (obs, a, n-step return, discount, next_obs) from the replay buffer
+            target = return + discount * Q_target(next_obs, argmax_a Q(next_obs))   # Double DQN
+            loss = huber(Q(obs, a), target);  optim.step("q", loss)
+        receive the envs' step, store it in the replay buffer
+    every target_update_interval env steps: Q_target <- tau * Q + (1 - tau) * Q_target
+
+The budget is `agent.total_timesteps` env steps summed over the parallel envs; the trainer's
+max_steps is derived from it in conf/agent/dqn.yaml.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from agents.envs import EpisodeTracker, evaluate, is_atari, make_env
+from agents.replay import ReplayBuffer
+from lab.errors import LabError
+from lab.task import RunContext, Task
+
+
+class QNetwork(nn.Module):
+    """Q-values for every action: the Nature-DQN conv torso for image stacks, an MLP for vectors;
+    dueling heads (value + advantage - mean advantage) when asked."""
+
+    def __init__(self, obs_shape: tuple[int, ...], n_actions: int, hidden: list[int], dueling: bool):
+        super().__init__()
+        self.pixels = len(obs_shape) == 3
+        if self.pixels:
+            c = obs_shape[0]
+            self.torso = nn.Sequential(
+                nn.Conv2d(c, 32, 8, stride=4), nn.ReLU(),
+                nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
+                nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(),
+                nn.Flatten(),
+            )
+            width = self.torso(torch.zeros(1, *obs_shape)).shape[1]
+        else:
+            layers: list[nn.Module] = []
+            width = int(np.prod(obs_shape))
+            for h in hidden[:-1]:
+                layers += [nn.Linear(width, h), nn.ReLU()]
+                width = h
+            self.torso = nn.Sequential(nn.Flatten(), *layers)
+        last = hidden[-1]
+        self.advantage = nn.Sequential(nn.Linear(width, last), nn.ReLU(), nn.Linear(last, n_actions))
+        self.value = nn.Sequential(nn.Linear(width, last), nn.ReLU(), nn.Linear(last, 1)) if dueling else None
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        if self.pixels:
+            x = obs.float() / 255.0
+            if self.torso[0].weight.is_contiguous(memory_format=torch.channels_last):
+                x = x.contiguous(memory_format=torch.channels_last)
+        else:
+            x = obs.float()
+        h = self.torso(x)
+        adv = self.advantage(h)
+        if self.value is None:
+            return adv
+        return self.value(h) + adv - adv.mean(dim=1, keepdim=True)
+
+
+class DQN(Task):
+    main_metric = "eval/episode_return"
+    main_mode = "max"
+
+    def __init__(self, cfg: DictConfig, ctx: RunContext):
+        super().__init__(cfg, ctx)
+        a = self.a = cfg.agent
+        if ctx.dist.enabled:
+            raise LabError("DQN runs in one process; for more throughput raise agent.num_envs (drop torchrun)")
+        if a.train_frequency % a.num_envs:
+            raise LabError(f"agent.train_frequency={a.train_frequency} (env steps per iteration) must be a "
+                           f"multiple of agent.num_envs={a.num_envs}")
+        if a.n_step < 1 or not 0 < a.gamma <= 1 or not 0 < a.tau <= 1:
+            raise LabError("agent.n_step must be >= 1, agent.gamma and agent.tau in (0, 1]")
+        self.atari = is_atari(str(cfg.env.id))
+        self.frameskip = int(cfg.env.frameskip) if self.atari else 1
+        self.training = cfg.get("mode", "train") == "train"
+        probe = make_env(cfg.env, 1, ctx.seed)
+        obs_space, self.n_actions = probe.single_observation_space, int(probe.single_action_space.n)
+        probe.close()
+        if not isinstance(obs_space, gym.spaces.Box):
+            raise LabError(f"env.id={cfg.env.id}: DQN needs Box observations, got {obs_space}")
+        self.q = QNetwork(obs_space.shape, self.n_actions, list(a.hidden), bool(a.dueling))
+        self.q_target = copy.deepcopy(self.q).requires_grad_(False)
+        self.rng = np.random.default_rng(ctx.seed)
+        self.env_steps = 0
+        self.updates = 0
+        self.evaluations = 0
+        self._eval_env: gym.vector.VectorEnv | None = None
+        if not self.training:
+            return
+        self.env = make_env(cfg.env, a.num_envs, ctx.seed)
+        self.obs, info = self.env.reset(seed=ctx.seed)
+        self.lives = info.get("lives")
+        self.first = np.ones(a.num_envs, bool)  # the observation starts an episode
+        self.tracker = EpisodeTracker(a.num_envs)
+        device = ctx.device if a.buffer_device == "auto" else torch.device(a.buffer_device)
+        dtype = torch.uint8 if obs_space.dtype == np.uint8 else torch.float32
+        stack = obs_space.shape[0] if self.atari else 1
+        self.buffer = ReplayBuffer(a.buffer_size, a.num_envs, obs_space.shape, dtype, stack, device)
+        self.generator = torch.Generator(device=device).manual_seed(ctx.seed)
+        self.refill_from = 0  # buffer.written when learning may (re)start: a resume without replay refills it
+
+    # ---- trainer contract -------------------------------------------------------------------------
+    def optimizers(self, total_steps: int | None) -> dict[str, Any]:
+        return {"q": torch.optim.Adam(self.q.parameters(), lr=self.a.learning_rate, eps=self.a.adam_eps)}
+
+    def train_data(self) -> Iterator[int]:
+        return itertools.count()  # endless: one item per iteration; the budget is trainer.max_steps
+
+    def samples_in(self, batch: Any) -> int:
+        return int(self.a.train_frequency)  # env steps per iteration, so perf/samples_per_sec = env steps/s
+
+    def progress(self) -> dict[str, float]:
+        return {"env_steps": self.env_steps, "frames": self.env_steps * self.frameskip}
+
+    def epsilon(self) -> float:
+        a = self.a
+        span = max(1.0, a.exploration_fraction * a.total_timesteps)
+        return a.epsilon_end + (a.epsilon_start - a.epsilon_end) * max(0.0, 1.0 - self.env_steps / span)
+
+    def training_step(self, batch: Any, optim: Any) -> dict[str, Any]:
+        a, n = self.a, self.a.num_envs
+        vector_steps = a.train_frequency // n
+        learning = (self.env_steps >= a.learning_starts
+                    and (self.buffer.written - self.refill_from) * n >= min(a.learning_starts, a.buffer_size))
+        updates = a.gradient_steps if learning and self.buffer.can_sample(a.n_step) else 0
+        eps = self.epsilon()
+        out: dict[str, Any] = {"epsilon": eps}
+        losses, qs, returns, lengths = [], [], [], []
+        for i in range(vector_steps):
+            actions = self.act(self.obs, eps)
+            self._send(actions)
+            for _ in range(updates * (i + 1) // vector_steps - updates * i // vector_steps):
+                loss, q = self.learn(optim)
+                losses.append(loss)
+                qs.append(q)
+            obs, reward, term, trunc, info = self._recv(actions)
+            real = ~self.tracker.resetting
+            learn_term = term.copy()
+            lives = info.get("lives")
+            if a.terminal_on_life_loss and lives is not None and self.lives is not None:
+                learn_term |= (lives < self.lives) & real
+            self.lives = lives
+            learn_reward = np.sign(reward) if a.clip_rewards else reward
+            self.buffer.add(self.obs, actions, learn_reward, learn_term, trunc, self.first, real)
+            for _, ret, length in self.tracker.update(reward, term, trunc):
+                returns.append(ret)
+                lengths.append(length)
+            self.first = ~real  # after an autoreset step the observation starts an episode
+            self.obs = obs
+            self.env_steps += n
+        if updates:
+            interval = a.target_update_interval
+            if (self.env_steps // interval) != ((self.env_steps - a.train_frequency) // interval):
+                torch._foreach_lerp_(list(self.q_target.parameters()), list(self.q.parameters()), a.tau)
+        if losses:
+            out["loss"] = torch.stack(losses).mean()
+            out["q_mean"] = torch.stack(qs).mean()
+        if returns:
+            out["episode_return"] = float(np.mean(returns))
+            out["episode_length"] = float(np.mean(lengths))
+        return out
+
+    def evaluate(self) -> dict[str, float]:
+        a = self.a
+        if self._eval_env is None:
+            k = min(int(a.eval_episodes), int(a.eval_num_envs))
+            self._eval_env = make_env(self.cfg.env, k, self.ctx.seed + 10_000, render=bool(a.video) and not self.atari)
+        self.evaluations += 1
+        record = bool(a.video)
+        returns, lengths, frames = evaluate(lambda obs: self.act(obs, a.eval_epsilon), self._eval_env,
+                                            int(a.eval_episodes), seed=self.ctx.seed + 10_000 * self.evaluations,
+                                            video=record)
+        if frames is not None:
+            self.ctx.logger.log_video("eval/video", frames, fps=int(a.video_fps))
+        return {"episode_return": float(np.mean(returns)), "episode_return_std": float(np.std(returns)),
+                "episode_return_min": float(np.min(returns)), "episode_length": float(np.mean(lengths)),
+                "episodes": len(returns)}
+
+    # ---- acting and learning ------------------------------------------------------------------------
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, epsilon: float) -> np.ndarray:
+        """Epsilon-greedy actions for a batch of observations (no forward pass when all are random)."""
+        n = obs.shape[0]
+        explore = self.rng.random(n) < epsilon
+        actions = self.rng.integers(0, self.n_actions, n)
+        if not explore.all():
+            device = next(self.q.parameters()).device
+            greedy = self.q(torch.as_tensor(obs, device=device)).argmax(1).cpu().numpy()
+            actions = np.where(explore, actions, greedy)
+        return actions
+
+    def learn(self, optim: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.a
+        device = next(self.q.parameters()).device
+        b = {k: v.to(device, non_blocking=True) for k, v in
+             self.buffer.sample(a.batch_size, a.n_step, a.gamma, self.generator).items()}
+        with torch.no_grad():
+            next_q = self.q_target(b["next_obs"]).float()
+            if a.double:
+                next_a = self.q(b["next_obs"]).argmax(1, keepdim=True)
+                next_v = next_q.gather(1, next_a).squeeze(1)
+            else:
+                next_v = next_q.max(1).values
+            target = b["returns"] + b["discounts"] * next_v
+        q = self.q(b["obs"]).float().gather(1, b["actions"][:, None]).squeeze(1)
+        loss = F.smooth_l1_loss(q, target) if a.loss == "huber" else F.mse_loss(q, target)
+        optim.step("q", loss)
+        self.updates += 1
+        return loss.detach(), q.detach().mean()
+
+    def _send(self, actions: np.ndarray) -> None:
+        if hasattr(self.env, "send"):  # AtariVectorEnv: the C++ threads step while we learn
+            self.env.send(actions)
+
+    def _recv(self, actions: np.ndarray) -> tuple[Any, ...]:
+        return self.env.recv() if hasattr(self.env, "recv") else self.env.step(actions)
+
+    # ---- checkpoint -----------------------------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"env_steps": self.env_steps, "updates": self.updates, "evaluations": self.evaluations,
+                                 "rng": self.rng.bit_generator.state}
+        if self.training and self.a.save_replay:
+            state["buffer"] = self.buffer.state_dict()
+        return state
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.env_steps, self.updates = int(state["env_steps"]), int(state["updates"])
+        self.evaluations = int(state.get("evaluations", 0))
+        self.rng.bit_generator.state = state["rng"]
+        if not self.training:
+            return
+        if "buffer" in state:
+            self.buffer.load_state_dict(state["buffer"])
+            self.buffer.cut()  # the envs restart: no transition may run from the saved steps into new ones
+            print(f"[lab] replay buffer restored: {len(self.buffer):,} transitions", flush=True)
+        else:
+            self.refill_from = self.buffer.written
+            print(f"[lab] the checkpoint has no replay buffer (agent.save_replay=false): refilling "
+                  f"{min(self.a.learning_starts, self.a.buffer_size):,} transitions before learning resumes",
+                  flush=True)
+
+    def close(self) -> None:
+        for env in (getattr(self, "env", None), self._eval_env):
+            if env is not None:
+                env.close()

@@ -1,0 +1,137 @@
+"""Vector environments for the agents, episode bookkeeping, and greedy evaluation with a video.
+
+Atari games run in ale-py's `AtariVectorEnv` (C++ threads) with the standard DQN preprocessing:
+84x84 grey, 4-frame stack, frame-skip 4 with max-pool over the last two frames, up to 30 no-op
+starts, FIRE on reset. Rewards come back unclipped (the agent clips them for learning only) and an
+episode is a whole game (a lost life is reported through `info["lives"]`, not as an episode end).
+Any other Gymnasium id goes through `gym.make_vec`. Both autoreset on the step after an episode
+ends (Gymnasium's "next step" mode): that step ignores its action and returns the reset observation.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from omegaconf import DictConfig
+
+from lab.errors import LabError
+
+
+def ale_game(env_id: str) -> str | None:
+    """The ROM name of an Atari id (`ALE/Pong-v5`, `PongNoFrameskip-v4`, `pong`), else None."""
+    m = re.fullmatch(r"ALE/(\w+)-v\d+|(\w+?)(?:NoFrameskip)?-v[04]", env_id)
+    if not m:
+        return None
+    name = m.group(1) or m.group(2)
+    import ale_py.roms
+
+    rom = re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    return rom if rom in ale_py.roms.get_all_rom_ids() else None
+
+
+def is_atari(env_id: str) -> bool:
+    return ale_game(env_id) is not None
+
+
+def make_env(cfg: DictConfig, num_envs: int, seed: int, render: bool = False) -> gym.vector.VectorEnv:
+    """`num_envs` copies of `cfg.id` (the experiment's `env:` block), seeded from `seed`."""
+    env_id = str(cfg.id)
+    game = ale_game(env_id)
+    if game is not None:
+        from ale_py.vector_env import AtariVectorEnv
+
+        env = AtariVectorEnv(
+            game, num_envs, frameskip=int(cfg.frameskip), stack_num=int(cfg.frame_stack),
+            noop_max=int(cfg.noop_max), repeat_action_probability=float(cfg.sticky_actions),
+            use_fire_reset=bool(cfg.fire_reset), max_num_frames_per_episode=int(cfg.max_episode_frames),
+            reward_clipping=False, episodic_life=False, num_threads=int(cfg.get("num_threads") or 0),
+        )
+    else:
+        if render:  # pygame draws off-screen, with no display or sound device
+            os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+            os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+        try:
+            env = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode=str(cfg.get("vectorization", "sync")),
+                               render_mode="rgb_array" if render else None)
+        except gym.error.Error as e:
+            raise LabError(f"env.id={env_id!r}: {e}. Use a Gymnasium id (CartPole-v1, LunarLander-v3) or an "
+                           "Atari one (ALE/Pong-v5, ALE/Breakout-v5, PongNoFrameskip-v4)") from None
+    if not isinstance(env.single_action_space, gym.spaces.Discrete):
+        env.close()
+        raise LabError(f"env.id={env_id!r} has {env.single_action_space} actions; DQN needs a Discrete action space")
+    env.reset(seed=seed)
+    return env
+
+
+@dataclass
+class EpisodeTracker:
+    """Whole-episode returns (unclipped) and lengths of a vector env in "next step" autoreset mode."""
+
+    num_envs: int
+    returns: np.ndarray = field(init=False)
+    lengths: np.ndarray = field(init=False)
+    resetting: np.ndarray = field(init=False)  # this env's next step is an autoreset (its action is ignored)
+
+    def __post_init__(self) -> None:
+        self.returns = np.zeros(self.num_envs, np.float64)
+        self.lengths = np.zeros(self.num_envs, np.int64)
+        self.resetting = np.zeros(self.num_envs, bool)
+
+    def update(self, reward: np.ndarray, terminated: np.ndarray, truncated: np.ndarray) -> list[tuple[int, float, int]]:
+        """Feed one vector step; returns (env index, return, length) of each episode that just ended."""
+        live = ~self.resetting
+        self.returns[live] += reward[live]
+        self.lengths[live] += 1
+        done = (terminated | truncated) & live
+        ended = [(int(i), float(self.returns[i]), int(self.lengths[i])) for i in np.flatnonzero(done)]
+        self.returns[done] = 0.0
+        self.lengths[done] = 0
+        self.resetting = done
+        return ended
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"returns": self.returns.tolist(), "lengths": self.lengths.tolist()}
+
+
+def evaluate(policy: Callable[[np.ndarray], np.ndarray], env: gym.vector.VectorEnv, episodes: int, seed: int,
+             video: bool = False, max_video_frames: int = 10_000) -> tuple[list[float], list[int], np.ndarray | None]:
+    """Play `episodes` whole episodes, spread evenly over the env's copies; returns their returns, lengths
+    and, with `video`, the frames (T, H, W, 3) uint8 of the first copy's first episode."""
+    n = env.num_envs
+    quota = np.array([episodes // n + (i < episodes % n) for i in range(n)])
+    obs, _ = env.reset(seed=seed)
+    tracker = EpisodeTracker(n)
+    returns: list[float] = []
+    lengths: list[int] = []
+    frames: list[np.ndarray] = []
+    atari = obs.ndim == 4 and obs.dtype == np.uint8
+    recording = video
+    while len(returns) < episodes:
+        if recording and len(frames) < max_video_frames:
+            frames.append(_frame(env, obs, atari))
+        obs, reward, term, trunc, _ = env.step(policy(obs))
+        for i, ret, length in tracker.update(reward, term, trunc):
+            if quota[i] > 0:
+                quota[i] -= 1
+                returns.append(ret)
+                lengths.append(length)
+            if i == 0:
+                recording = False
+    clip = np.stack(frames) if frames else None
+    return returns, lengths, clip
+
+
+def _frame(env: gym.vector.VectorEnv, obs: np.ndarray, atari: bool) -> np.ndarray:
+    """What the first copy shows: for Atari, the agent's newest 84x84 frame scaled x4; else `render()`."""
+    if atari:
+        f = obs[0, -1]
+        return np.repeat(np.repeat(f, 4, 0), 4, 1)[..., None].repeat(3, axis=2)
+    image = env.render()
+    image = image[0] if isinstance(image, (tuple, list)) else image
+    return np.asarray(image, dtype=np.uint8)

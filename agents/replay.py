@@ -1,0 +1,138 @@
+"""A replay buffer that keeps every frame once and rebuilds frame stacks and n-step returns when sampling.
+
+Parallel envs step together, so storage is a ring of `slots` time steps by `num_envs` columns.
+Slot `t` of env `e` holds the newest frame of the observation the env showed at step `t`, and what
+happened when acting from it: the action, the (clipped) reward, whether that step terminated or
+truncated the episode, whether the observation was the first of an episode, and whether the step
+was real (the step after an episode's end is the vector env's autoreset: its action is ignored and
+its transition is never sampled). An 84x84 Atari frame is stored once instead of eight times
+(4-frame stacks of observation and next observation): 1,000,000 transitions take 7.07 GB.
+
+    obs(t)       = frames t-3 .. t of env e, zero before the episode's first frame (as AtariVectorEnv)
+    return(t)    = r_t + g r_{t+1} + ... + g^(m-1) r_{t+m-1},  m = n, or fewer if the episode ends
+    next_obs(t)  = obs(t + m);  discount = g^m, or 0 when step t+m-1 terminated (truncation bootstraps)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from lab.errors import LabError
+
+
+class ReplayBuffer:
+    def __init__(self, capacity: int, num_envs: int, obs_shape: tuple[int, ...], obs_dtype: torch.dtype,
+                 stack: int, device: torch.device | str = "cpu"):
+        if capacity < num_envs:
+            raise LabError(f"agent.buffer_size={capacity} is smaller than agent.num_envs={num_envs}")
+        self.slots = math.ceil(capacity / num_envs)
+        self.num_envs, self.stack, self.device = num_envs, stack, torch.device(device)
+        frame_shape = tuple(obs_shape[1:]) if stack > 1 else tuple(obs_shape)
+        shape = (self.slots, num_envs)
+        kw = {"device": self.device}
+        self.frames = torch.zeros(shape + frame_shape, dtype=obs_dtype, **kw)
+        self.actions = torch.zeros(shape, dtype=torch.int32, **kw)
+        self.rewards = torch.zeros(shape, dtype=torch.float32, **kw)
+        self.terminated = torch.zeros(shape, dtype=torch.bool, **kw)
+        self.truncated = torch.zeros(shape, dtype=torch.bool, **kw)
+        self.first = torch.zeros(shape, dtype=torch.bool, **kw)
+        self.real = torch.zeros(shape, dtype=torch.bool, **kw)
+        self.written = 0  # time steps written so far (slot = written % slots)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors().values())
+
+    def __len__(self) -> int:
+        """Transitions held (real or not)."""
+        return min(self.written, self.slots) * self.num_envs
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in ("frames", "actions", "rewards", "terminated", "truncated", "first",
+                                              "real")}
+
+    def add(self, obs: np.ndarray | torch.Tensor, action: Any, reward: Any, terminated: Any, truncated: Any,
+            first: Any, real: Any) -> None:
+        """Record one vector step: the observation acted on (its newest frame is kept) and what followed."""
+        t = self.written % self.slots
+        obs = torch.as_tensor(obs)
+        frame = obs[:, -1] if self.stack > 1 else obs
+        self.frames[t].copy_(frame, non_blocking=True)
+        for name, value in (("actions", action), ("rewards", reward), ("terminated", terminated),
+                            ("truncated", truncated), ("first", first), ("real", real)):
+            getattr(self, name)[t].copy_(torch.as_tensor(value), non_blocking=True)
+        self.written += 1
+
+    def can_sample(self, n_step: int) -> bool:
+        lo, hi = self._range(n_step)
+        return hi > lo
+
+    def _range(self, n_step: int) -> tuple[int, int]:
+        """Sample time steps t in [lo, hi): their stacks are intact and step t+n_step+1 is written
+        (one step of slack: an autoreset step moves to the next one)."""
+        lo = max(0, self.written - self.slots + self.stack - 1)
+        return lo, self.written - n_step - 1
+
+    def sample(self, batch_size: int, n_step: int, gamma: float,
+               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        lo, hi = self._range(n_step)
+        if hi <= lo:
+            raise LabError(f"the replay buffer holds {len(self)} transitions, too few to sample; "
+                           "raise agent.learning_starts")
+        kw = {"device": self.device, "generator": generator}
+        t = torch.randint(lo, hi, (batch_size,), **kw)
+        env = torch.randint(0, self.num_envs, (batch_size,), **kw)
+        t = t + (~self.real[t % self.slots, env]).long()  # an autoreset step: take the episode's first step
+        steps = t[:, None] + torch.arange(n_step, device=self.device)  # (B, n)
+        idx = steps % self.slots
+        rewards = self.rewards[idx, env[:, None]]
+        term = self.terminated[idx, env[:, None]]
+        done = term | self.truncated[idx, env[:, None]]
+        alive = torch.ones_like(done)
+        alive[:, 1:] = torch.cumprod(~done[:, :-1], dim=1).bool()  # steps before the episode's end
+        powers = gamma ** torch.arange(n_step, device=self.device, dtype=torch.float32)
+        returns = (rewards * powers * alive).sum(1)
+        m = alive.sum(1)
+        terminal = (term & alive).any(1)
+        discount = torch.where(terminal, 0.0, gamma ** m.float())
+        return {
+            "obs": self.observation(t, env),
+            "actions": self.actions[t % self.slots, env].long(),
+            "returns": returns,
+            "discounts": discount,
+            "next_obs": self.observation(t + m, env),
+        }
+
+    def observation(self, t: torch.Tensor, env: torch.Tensor) -> torch.Tensor:
+        """The observation at time steps `t` of envs `env`: a (B, stack, ...) stack, zero-padded at episode starts."""
+        if self.stack == 1:
+            return self.frames[t % self.slots, env]
+        back = torch.arange(self.stack, device=self.device)  # 0 = newest
+        idx = (t[:, None] - back) % self.slots  # (B, S)
+        first = self.first[idx, env[:, None]]
+        keep = torch.ones_like(first)
+        keep[:, 1:] = torch.cumprod(~first[:, :-1], dim=1).bool()  # no episode start in between
+        frames = self.frames[idx, env[:, None]] * keep.view(*keep.shape, *[1] * (self.frames.dim() - 2))
+        return frames.flip(1)  # oldest first, as the env stacks them
+
+    def cut(self) -> None:
+        """End every stored trajectory at the newest step whose next frame is known (after a restore,
+        the envs start afresh): the step before it bootstraps from it, and it is never sampled."""
+        if self.written >= 2:
+            self.real[(self.written - 1) % self.slots] = False
+            self.truncated[(self.written - 2) % self.slots] = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"written": self.written, **{k: v.cpu() for k, v in self._tensors().items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in self._tensors().items():
+            if tuple(state[k].shape) != tuple(v.shape):
+                raise LabError(f"the saved replay buffer's {k} has shape {tuple(state[k].shape)}, this run "
+                               f"{tuple(v.shape)}; resume with the same agent.buffer_size and agent.num_envs")
+            v.copy_(state[k])
+        self.written = int(state["written"])

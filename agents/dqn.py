@@ -94,7 +94,7 @@ class DQN(Task):
             raise LabError("agent.n_step must be >= 1, agent.gamma and agent.tau in (0, 1]")
         self.atari = is_atari(str(cfg.env.id))
         self.frameskip = int(cfg.env.frameskip) if self.atari else 1
-        self.training = cfg.get("mode", "train") == "train"
+        self.learning_run = cfg.get("mode", "train") == "train"  # mode=eval builds no envs or buffer
         probe = make_env(cfg.env, 1, ctx.seed)
         obs_space, self.n_actions = probe.single_observation_space, int(probe.single_action_space.n)
         probe.close()
@@ -107,7 +107,7 @@ class DQN(Task):
         self.updates = 0
         self.evaluations = 0
         self._eval_env: gym.vector.VectorEnv | None = None
-        if not self.training:
+        if not self.learning_run:
             return
         self.env = make_env(cfg.env, a.num_envs, ctx.seed)
         self.obs, info = self.env.reset(seed=ctx.seed)
@@ -123,7 +123,8 @@ class DQN(Task):
 
     # ---- trainer contract -------------------------------------------------------------------------
     def optimizers(self, total_steps: int | None) -> dict[str, Any]:
-        return {"q": torch.optim.Adam(self.q.parameters(), lr=self.a.learning_rate, eps=self.a.adam_eps)}
+        fused = next(self.q.parameters()).device.type in ("cuda", "cpu")  # one kernel for all parameters
+        return {"q": torch.optim.Adam(self.q.parameters(), lr=self.a.learning_rate, eps=self.a.adam_eps, fused=fused)}
 
     def train_data(self) -> Iterator[int]:
         return itertools.count()  # endless: one item per iteration; the budget is trainer.max_steps
@@ -241,7 +242,7 @@ class DQN(Task):
     def get_extra_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"env_steps": self.env_steps, "updates": self.updates, "evaluations": self.evaluations,
                                  "rng": self.rng.bit_generator.state}
-        if self.training and self.a.save_replay:
+        if self.learning_run and self.a.save_replay:
             state["buffer"] = self.buffer.state_dict()
         return state
 
@@ -249,7 +250,7 @@ class DQN(Task):
         self.env_steps, self.updates = int(state["env_steps"]), int(state["updates"])
         self.evaluations = int(state.get("evaluations", 0))
         self.rng.bit_generator.state = state["rng"]
-        if not self.training:
+        if not self.learning_run:
             return
         if "buffer" in state:
             self.buffer.load_state_dict(state["buffer"])

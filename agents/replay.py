@@ -87,6 +87,10 @@ class ReplayBuffer:
         t = torch.randint(lo, hi, (batch_size,), **kw)
         env = torch.randint(0, self.num_envs, (batch_size,), **kw)
         t = t + (~self.real[t % self.slots, env]).long()  # an autoreset step: take the episode's first step
+        return self.transitions(t, env, n_step, gamma)
+
+    def transitions(self, t: torch.Tensor, env: torch.Tensor, n_step: int, gamma: float) -> dict[str, torch.Tensor]:
+        """The n-step transitions that start at time steps `t` of envs `env`."""
         steps = t[:, None] + torch.arange(n_step, device=self.device)  # (B, n)
         idx = steps % self.slots
         rewards = self.rewards[idx, env[:, None]]
@@ -99,13 +103,9 @@ class ReplayBuffer:
         m = alive.sum(1)
         terminal = (term & alive).any(1)
         discount = torch.where(terminal, 0.0, gamma ** m.float())
-        return {
-            "obs": self.observation(t, env),
-            "actions": self.actions[t % self.slots, env].long(),
-            "returns": returns,
-            "discounts": discount,
-            "next_obs": self.observation(t + m, env),
-        }
+        obs, next_obs = self.observation(torch.cat([t, t + m]), torch.cat([env, env])).chunk(2)  # one gather
+        return {"obs": obs, "actions": self.actions[t % self.slots, env].long(), "returns": returns,
+                "discounts": discount, "next_obs": next_obs}
 
     def observation(self, t: torch.Tensor, env: torch.Tensor) -> torch.Tensor:
         """The observation at time steps `t` of envs `env`: a (B, stack, ...) stack, zero-padded at episode starts."""

@@ -58,6 +58,8 @@ def run(cfg: DictConfig) -> float | None:
     try:
         run_dir = Path(distributed.broadcast(HydraConfig.get().runtime.output_dir, info))
         seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
+        if cfg.trainer.get("num_threads"):
+            torch.set_num_threads(int(cfg.trainer.num_threads))
         config = OmegaConf.to_container(cfg, resolve=True)
         if info.is_main:  # Hydra's .hydra/config.yaml keeps interpolations; this is what the run used
             io.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(config))

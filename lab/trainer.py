@@ -39,12 +39,15 @@ def check_config(cfg: DictConfig) -> None:
         raise LabError(f"trainer.precision={cfg.precision!r} is not supported; use one of 32, bf16, fp16")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(cfg.device)):
         raise LabError(f"trainer.device={cfg.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
-    for key in ("max_steps", "max_epochs", "log_every", "eval_every", "checkpoint_every"):
+    for key in ("max_steps", "max_epochs", "log_every", "eval_every", "checkpoint_every", "num_threads"):
         value = cfg.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise LabError(f"trainer.{key}={value!r} must be a positive integer or null")
     if cfg.get("grad_clip") is not None and not (isinstance(cfg.grad_clip, (int, float)) and cfg.grad_clip > 0):
         raise LabError(f"trainer.grad_clip={cfg.grad_clip!r} must be a positive number or null")
+    stop_at = cfg.get("stop_at")
+    if stop_at is not None and (isinstance(stop_at, bool) or not isinstance(stop_at, (int, float))):
+        raise LabError(f"trainer.stop_at={stop_at!r} must be a number (the main metric's target) or null")
     if cfg.max_steps is None and cfg.max_epochs is None:
         raise LabError("set a budget: trainer.max_steps=N or trainer.max_epochs=N")
 
@@ -139,6 +142,7 @@ class Trainer:
         self._raw: dict[str, nn.Module] = {}  # child modules before DDP wrapping
         self.stop_signal: int | None = None  # the signal that asked this run to stop
         self.best: dict[str, Any] = {}
+        self.target_reached = False  # the main metric reached trainer.stop_at
         self._clock = (time.perf_counter(), 0.0)  # (start of this process's loop, seconds before it)
 
     def elapsed(self) -> float:
@@ -288,6 +292,8 @@ class Trainer:
                     t_pause = time.perf_counter()  # evaluation and saving do not count against throughput
                     if cfg.eval_every and step % cfg.eval_every == 0:
                         self._evaluate(task, optim, counters, snapshot)
+                        if self.target_reached:
+                            break
                     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                         self._save("last.pt", self._state(task, optim, snapshot()))
                     t_window += time.perf_counter() - t_pause
@@ -300,6 +306,8 @@ class Trainer:
                         t_pause = time.perf_counter()
                         self._evaluate(task, optim, counters, snapshot)
                         t_window += time.perf_counter() - t_pause
+                    if self.target_reached:
+                        break
                     continue
                 break  # max_steps or a signal
             if not stopped and counters["last_eval_step"] != step:
@@ -331,6 +339,11 @@ class Trainer:
                 if old is None or (value > old if mode == "max" else value < old):
                     self.best = {"metric": name, "value": value, "step": self.logger.step}
                     self._save("best.pt", self._state(task, optim, snapshot()))
+                target = self.cfg.get("stop_at")
+                if target is not None and (value >= target if mode == "max" else value <= target):
+                    self.target_reached = True
+                    print(f"[lab] {name}={value:.4g} reached trainer.stop_at={target}: stopping", flush=True)
+        self.target_reached = distributed.any_rank(self.target_reached, self.dist, self.device)
         distributed.barrier(self.dist)
 
     def evaluate_checkpoint(self, task: Task, path: Path) -> dict[str, Any]:
@@ -355,6 +368,8 @@ class Trainer:
         return self.logger.summary({"checkpoint": str(path), "status": "evaluated", "main_metric": task.main_metric})
 
     def _finish(self, task: Task, counters: dict[str, Any], status: str) -> dict[str, Any]:
+        if self.target_reached:
+            status = "target reached"
         extra: dict[str, Any] = {"step": counters["step"], "epoch": counters["epoch"], "status": status,
                                  "elapsed_s": round(counters["elapsed_s"], 3), "main_metric": task.main_metric}
         if self.best:

@@ -1,0 +1,358 @@
+"""stable-baselines3's DQN as a baseline next to the lab's own (agents/dqn.py): the same envs, the same
+`agent:` hyperparameters, the same metric names, the same evaluation protocol.
+
+    python -m lab +experiment=sb3_dqn_pong                  # or any DQN experiment with agent=sb3_dqn
+
+SB3 owns the learning (its replay buffer, optimizer, target network, epsilon schedule); the lab owns the run
+(budget, logging, evaluation with video, checkpoints). One trainer step is one `model.learn()` call of
+`agent.train_frequency` env steps: SB3 collects them, then does `agent.gradient_steps` updates.
+
+How the lab's keys map onto `stable_baselines3.DQN`:
+
+    learning_rate, buffer_size, learning_starts, batch_size, gamma, tau, gradient_steps,
+    target_update_interval, exploration_fraction  -> the same names
+    train_frequency            -> train_freq = train_frequency // num_envs (SB3 counts vector steps)
+    epsilon_start, epsilon_end -> exploration_initial_eps, exploration_final_eps (over the whole total_timesteps)
+    n_step                     -> n_steps (stable-baselines3 >= 2.7)
+    hidden                     -> MLP: net_arch; pixels: the NatureCNN's features_dim (hidden[-1])
+    adam_eps                   -> the Adam optimizer's eps
+    trainer.grad_clip          -> max_grad_norm (null: SB3's default, 10)
+
+SB3's DQN has no Double DQN, dueling heads or MSE loss, and trains in float32: those settings are refused.
+`trainer.compile` has no effect (SB3 calls its Q-networks directly, not the compiled policy module).
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from stable_baselines3 import DQN
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger
+from stable_baselines3.common.vec_env import VecEnv
+from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
+
+from agents.envs import ale_game, evaluate, is_atari, make_env
+from lab.errors import LabError
+from lab.task import RunContext, Task
+
+SB3_DEFAULT_MAX_GRAD_NORM = 10.0
+
+
+def make_same_step_env(cfg: DictConfig, num_envs: int, seed: int) -> gym.vector.VectorEnv:
+    """`agents.envs.make_env`'s env, but autoresetting in the *same* step (SB3's convention): the step that
+    ends an episode returns the reset observation and puts the last one in `info["final_obs"]`."""
+    make_env(cfg, 1, seed).close()  # validates env.id and its action space with make_env's messages
+    same_step = gym.vector.AutoresetMode.SAME_STEP
+    game = ale_game(str(cfg.id))
+    if game is None:
+        return gym.make_vec(str(cfg.id), num_envs=num_envs, vectorization_mode=str(cfg.get("vectorization", "sync")),
+                            vector_kwargs={"autoreset_mode": same_step})
+    from ale_py.vector_env import AtariVectorEnv
+
+    return AtariVectorEnv(
+        game, num_envs, frameskip=int(cfg.frameskip), stack_num=int(cfg.frame_stack), noop_max=int(cfg.noop_max),
+        repeat_action_probability=float(cfg.sticky_actions), use_fire_reset=bool(cfg.fire_reset),
+        max_num_frames_per_episode=int(cfg.max_episode_frames), reward_clipping=False, episodic_life=False,
+        num_threads=int(cfg.get("num_threads") or 0), autoreset_mode=same_step,
+    )
+
+
+class SB3VecEnv(VecEnv):
+    """SB3's `VecEnv` over a Gymnasium vector env in same-step autoreset mode.
+
+    At an episode end `step_wait` returns the reset observation, with the last one in
+    `infos[i]["terminal_observation"]`, `infos[i]["TimeLimit.truncated"]` for a time limit, and
+    `infos[i]["episode"] = {"r": unclipped return, "l": length}` (SB3's Monitor convention). Rewards are
+    sign-clipped for learning with `clip_rewards`; with `life_loss_done` a lost life is a `done` for SB3
+    (no bootstrapping past it) while the game goes on: the next observation is the game's, not a reset.
+    """
+
+    def __init__(self, env: gym.vector.VectorEnv, clip_rewards: bool = False, life_loss_done: bool = False):
+        if env.metadata.get("autoreset_mode") != gym.vector.AutoresetMode.SAME_STEP:
+            raise ValueError("SB3VecEnv needs a vector env in AutoresetMode.SAME_STEP (see make_same_step_env)")
+        self.env = env
+        self.clip_rewards, self.life_loss_done = clip_rewards, life_loss_done
+        super().__init__(env.num_envs, env.single_observation_space, env.single_action_space)
+        self.returns = np.zeros(self.num_envs, np.float64)
+        self.lengths = np.zeros(self.num_envs, np.int64)
+        self.lives: np.ndarray | None = None
+        self.episodes: list[tuple[float, int]] = []  # (return, length) of games ended since pop_episodes()
+        self._actions: np.ndarray | None = None
+
+    def reset(self) -> VecEnvObs:
+        seed = self._seeds[0]  # VecEnv.seed(s) asks for s, s+1, ...: what an int seed gives every sub-env
+        obs, info = self.env.reset(seed=seed)
+        self._reset_seeds()
+        self.returns[:], self.lengths[:] = 0.0, 0
+        self.lives = info.get("lives")
+        return obs
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._actions = np.asarray(actions, dtype=np.int64).reshape(self.num_envs)
+        if hasattr(self.env, "send"):  # AtariVectorEnv: the C++ threads step until step_wait
+            self.env.send(self._actions)
+
+    def step_wait(self) -> VecEnvStepReturn:
+        if hasattr(self.env, "recv"):
+            obs, reward, term, trunc, info = self.env.recv()
+        else:
+            obs, reward, term, trunc, info = self.env.step(self._actions)
+        ended = term | trunc
+        self.returns += reward
+        self.lengths += 1
+        dones = ended.copy()
+        lives = info.get("lives")
+        if self.life_loss_done and lives is not None and self.lives is not None:
+            dones |= lives < self.lives  # after a game's reset lives only go up
+        self.lives = lives
+        infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
+        for i in np.flatnonzero(ended):
+            infos[i]["terminal_observation"] = info["final_obs"][i]
+            infos[i]["TimeLimit.truncated"] = bool(trunc[i] and not term[i])
+            infos[i]["episode"] = {"r": float(self.returns[i]), "l": int(self.lengths[i])}
+            self.episodes.append((float(self.returns[i]), int(self.lengths[i])))
+            self.returns[i], self.lengths[i] = 0.0, 0
+        learn_reward = np.sign(reward) if self.clip_rewards else reward
+        return obs, learn_reward.astype(np.float32), dones, infos
+
+    def pop_episodes(self) -> list[tuple[float, int]]:
+        """The (unclipped return, length) of each game that ended since the last call."""
+        out, self.episodes = self.episodes, []
+        return out
+
+    def close(self) -> None:
+        self.env.close()
+
+    def _indices(self, indices: VecEnvIndices) -> list[int]:
+        if indices is None:
+            return list(range(self.num_envs))
+        return [indices] if isinstance(indices, int) else list(indices)
+
+    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
+        return [getattr(self.env, attr_name)] * len(self._indices(indices))  # the sub-envs are alike
+
+    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        raise NotImplementedError("SB3VecEnv's sub-envs live inside one vector env: no per-env attributes")
+
+    def env_method(self, method_name: str, *method_args: Any, indices: VecEnvIndices = None,
+                   **method_kwargs: Any) -> list[Any]:
+        raise NotImplementedError("SB3VecEnv's sub-envs live inside one vector env: no per-env methods")
+
+    def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
+        return [False] * len(self._indices(indices))
+
+
+class _Chunks(BaseCallback):
+    """Lets `learn()` run in chunks: keeps epsilon on the run's whole budget (SB3 would span each call) and
+    collects the loss of every `train()` in a chunk."""
+
+    def __init__(self, budget: int):
+        super().__init__()
+        self.budget = budget
+        self.losses: list[float] = []
+        self._updates = 0
+
+    def _on_training_start(self) -> None:
+        self.model._total_timesteps = self.budget  # what _current_progress_remaining (epsilon) is measured on
+        self._updates = self.model._n_updates
+
+    def _on_rollout_start(self) -> None:  # right after the previous rollout's train()
+        self._take_loss()
+
+    def _on_training_end(self) -> None:
+        self._take_loss()
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _take_loss(self) -> None:
+        if self.model._n_updates != self._updates:
+            self._updates = self.model._n_updates
+            self.losses.append(float(self.logger.name_to_value["train/loss"]))
+
+
+def check_config(cfg: DictConfig, distributed: bool) -> None:
+    """Refuse what SB3's DQN (or this baseline) cannot do, with one line each."""
+    a = cfg.agent
+    if distributed:
+        raise LabError("the SB3 DQN baseline runs in one process; drop torchrun (raise agent.num_envs instead)")
+    for key, what in (("double", "Double DQN"), ("dueling", "dueling heads")):
+        if a.get(key):
+            raise LabError(f"agent.{key}=true: stable-baselines3's DQN has no {what}; set agent.{key}=false "
+                           "or use the lab's DQN (agent=dqn)")
+    if str(a.get("loss", "huber")) != "huber":
+        raise LabError(f"agent.loss={a.loss}: stable-baselines3's DQN uses the Huber loss only; set agent.loss=huber")
+    if a.get("save_replay"):
+        raise LabError("agent.save_replay=true: the SB3 baseline does not checkpoint its replay buffer; "
+                       "set agent.save_replay=false (a resume refills it)")
+    if str(a.get("buffer_device", "auto")) not in ("auto", "cpu"):
+        raise LabError(f"agent.buffer_device={a.buffer_device}: SB3 keeps its replay buffer in host memory; "
+                       "use auto or cpu")
+    if a.num_envs < 1 or a.train_frequency < a.num_envs or a.train_frequency % a.num_envs:
+        raise LabError(f"agent.train_frequency={a.train_frequency} (env steps per iteration) must be a positive "
+                       f"multiple of agent.num_envs={a.num_envs}")
+    if a.n_step < 1 or not 0 < a.gamma <= 1 or not 0 < a.tau <= 1 or not list(a.hidden):
+        raise LabError("agent.n_step must be >= 1, agent.gamma and agent.tau in (0, 1], agent.hidden non-empty")
+    if a.n_step > 1 and "n_steps" not in inspect.signature(DQN).parameters:
+        raise LabError(f"agent.n_step={a.n_step}: n-step returns need stable-baselines3 >= 2.7; upgrade it or set "
+                       "agent.n_step=1")
+    if str(cfg.trainer.precision) != "32":
+        raise LabError(f"trainer.precision={cfg.trainer.precision}: SB3 trains in float32; set trainer.precision=32")
+
+
+def check_replay_memory(buffer_size: int, obs_space: gym.spaces.Space, total_bytes: int | None = None) -> int:
+    """Bytes of SB3's replay buffer, which stores obs and next_obs (allocated lazily: a buffer larger than the
+    machine's memory would fail only once it fills, hours into a run); refuses one that cannot fit."""
+    need = 2 * buffer_size * int(np.prod(obs_space.shape)) * np.dtype(obs_space.dtype).itemsize
+    if total_bytes is None:
+        try:
+            total_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):  # no sysconf (Windows): no check
+            return need
+    if need > total_bytes:
+        raise LabError(f"agent.buffer_size={buffer_size:,}: SB3's replay buffer stores obs and next_obs, "
+                       f"{need / 1e9:.1f} GB, more than this machine's {total_bytes / 1e9:.1f} GB; lower "
+                       f"agent.buffer_size (RL Zoo uses 100_000 for Atari)")
+    return need
+
+
+class SB3DQN(Task):
+    """stable-baselines3's DQN trained and evaluated by the lab (see the module docstring)."""
+
+    main_metric = "eval/episode_return"
+    main_mode = "max"
+
+    def __init__(self, cfg: DictConfig, ctx: RunContext):
+        super().__init__(cfg, ctx)
+        check_config(cfg, ctx.dist.enabled)
+        a = self.a = cfg.agent
+        self.atari = is_atari(str(cfg.env.id))
+        self.frameskip = int(cfg.env.frameskip) if self.atari else 1
+        self.train_mode = cfg.get("mode", "train") == "train"
+        # mode=eval builds the model only to load weights into: one env, no replay memory.
+        n = int(a.num_envs) if self.train_mode else 1
+        self.env = SB3VecEnv(make_same_step_env(cfg.env, n, ctx.seed), clip_rewards=bool(a.clip_rewards),
+                             life_loss_done=bool(a.terminal_on_life_loss))
+        if self.train_mode:
+            check_replay_memory(int(a.buffer_size), self.env.observation_space)
+        pixels = len(self.env.observation_space.shape) == 3
+        hidden = [int(h) for h in a.hidden]
+        policy_kwargs: dict[str, Any] = {"optimizer_kwargs": {"eps": float(a.adam_eps)}}
+        if pixels:  # NatureCNN: conv torso + Linear(features_dim) + ReLU, then Linear(n_actions): the lab's net
+            policy_kwargs.update(net_arch=[], features_extractor_kwargs={"features_dim": hidden[-1]})
+        else:
+            policy_kwargs["net_arch"] = hidden
+        grad_clip = cfg.trainer.get("grad_clip")
+        self.model = DQN(
+            "CnnPolicy" if pixels else "MlpPolicy", self.env,
+            learning_rate=float(a.learning_rate), buffer_size=int(a.buffer_size) if self.train_mode else n,
+            learning_starts=int(a.learning_starts), batch_size=int(a.batch_size), tau=float(a.tau),
+            gamma=float(a.gamma), train_freq=int(a.train_frequency) // n, gradient_steps=int(a.gradient_steps),
+            optimize_memory_usage=False, target_update_interval=int(a.target_update_interval),
+            exploration_fraction=float(a.exploration_fraction), exploration_initial_eps=float(a.epsilon_start),
+            exploration_final_eps=float(a.epsilon_end),
+            max_grad_norm=float(grad_clip) if grad_clip else SB3_DEFAULT_MAX_GRAD_NORM,
+            tensorboard_log=None, policy_kwargs=policy_kwargs, verbose=0, seed=ctx.seed, device=ctx.device,
+            **({"n_steps": int(a.n_step)} if a.n_step > 1 else {}),
+        )
+        self.model.set_logger(Logger(folder=None, output_formats=[]))  # in memory: no stdout, no log dir
+        self.policy = self.model.policy  # a child module: its q_net and q_net_target go into checkpoints
+        self.chunks = _Chunks(int(a.total_timesteps))
+        self.rng = np.random.default_rng(ctx.seed)
+        self.evaluations = 0
+        self.refill_until = 0  # after a resume (no replay saved): env steps before updates start again
+        self._eval_env: gym.vector.VectorEnv | None = None
+
+    # ---- trainer contract -------------------------------------------------------------------------
+    def optimizers(self, total_steps: int | None) -> dict[str, Any]:
+        return {}  # SB3 owns its optimizer; its state is in get_extra_state
+
+    def train_data(self) -> Iterator[int]:
+        return itertools.count()  # endless: one item per iteration; the budget is trainer.max_steps
+
+    def samples_in(self, batch: Any) -> int:
+        return int(self.a.train_frequency)  # env steps per iteration, so perf/samples_per_sec = env steps/s
+
+    def progress(self) -> dict[str, float]:
+        return {"env_steps": self.model.num_timesteps, "frames": self.model.num_timesteps * self.frameskip}
+
+    def training_step(self, batch: Any, optim: Any) -> dict[str, Any]:
+        m, a = self.model, self.a
+        m.gradient_steps = 0 if m.num_timesteps < self.refill_until else int(a.gradient_steps)
+        m.learn(total_timesteps=int(a.train_frequency), callback=self.chunks, log_interval=None,
+                reset_num_timesteps=False)
+        out: dict[str, Any] = {"epsilon": m.exploration_rate}
+        if self.chunks.losses:
+            out["loss"] = float(np.mean(self.chunks.losses))
+            self.chunks.losses.clear()
+        episodes = self.env.pop_episodes()
+        if episodes:
+            out["episode_return"] = float(np.mean([r for r, _ in episodes]))
+            out["episode_length"] = float(np.mean([n for _, n in episodes]))
+        return out
+
+    def evaluate(self) -> dict[str, float]:
+        """agents/dqn.py's protocol: `eval_episodes` whole games at `eval_epsilon`, on a separately seeded env."""
+        a = self.a
+        if self._eval_env is None:
+            k = min(int(a.eval_episodes), int(a.eval_num_envs))
+            self._eval_env = make_env(self.cfg.env, k, self.ctx.seed + 10_000, render=bool(a.video) and not self.atari)
+        self.evaluations += 1
+        returns, lengths, frames = evaluate(lambda obs: self.act(obs, float(a.eval_epsilon)), self._eval_env,
+                                            int(a.eval_episodes), seed=self.ctx.seed + 10_000 * self.evaluations,
+                                            video=bool(a.video))
+        if frames is not None:
+            self.ctx.logger.log_video("eval/video", frames, fps=int(a.video_fps))
+        return {"episode_return": float(np.mean(returns)), "episode_return_std": float(np.std(returns)),
+                "episode_return_min": float(np.min(returns)), "episode_length": float(np.mean(lengths)),
+                "episodes": len(returns)}
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, epsilon: float) -> np.ndarray:
+        """Epsilon-greedy actions from SB3's Q-network (which scales uint8 images to [0, 1] itself)."""
+        n = obs.shape[0]
+        explore = self.rng.random(n) < epsilon
+        actions = self.rng.integers(0, self.env.action_space.n, n)
+        if not explore.all():
+            tensor, _ = self.model.policy.obs_to_tensor(obs)
+            greedy = self.model.q_net(tensor).argmax(1).cpu().numpy()
+            actions = np.where(explore, actions, greedy)
+        return actions
+
+    # ---- checkpoint ---------------------------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        m = self.model
+        return {"num_timesteps": int(m.num_timesteps), "n_updates": int(m._n_updates), "n_calls": int(m._n_calls),
+                "episode_num": int(m._episode_num), "exploration_rate": float(m.exploration_rate),
+                "progress_remaining": float(m._current_progress_remaining),
+                "optimizer": m.policy.optimizer.state_dict(), "evaluations": self.evaluations,
+                "rng": self.rng.bit_generator.state}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        m = self.model
+        m.num_timesteps, m._n_updates, m._n_calls = int(state["num_timesteps"]), int(state["n_updates"]), \
+            int(state["n_calls"])
+        m._episode_num, m.exploration_rate = int(state["episode_num"]), float(state["exploration_rate"])
+        m._current_progress_remaining = float(state["progress_remaining"])
+        m.policy.optimizer.load_state_dict(state["optimizer"])
+        self.evaluations = int(state["evaluations"])
+        self.rng.bit_generator.state = state["rng"]
+        if self.train_mode:
+            refill = min(int(self.a.learning_starts), int(self.a.buffer_size))
+            self.refill_until = m.num_timesteps + refill
+            print(f"[lab] SB3 baseline: checkpoints hold no replay buffer; refilling {refill:,} transitions "
+                  "(epsilon-greedy) before learning resumes", flush=True)
+
+    def close(self) -> None:
+        for env in (self.env, self._eval_env):
+            if env is not None:
+                env.close()

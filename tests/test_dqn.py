@@ -1,0 +1,78 @@
+"""The DQN agent end to end: CartPole learns, a short Pong run leaves checkpoint, metrics and video,
+`mode=eval` replays a checkpoint, resume refills the replay buffer, bad settings are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import read_metrics, run_lab
+
+QUIET = ["logger=none", "trainer.progress=false"]
+# Pong on 2 CPU cores: 4 envs, tiny buffer, one short evaluation game (env.max_episode_frames caps it).
+PONG = [*QUIET, "+experiment=dqn_pong", "trainer.compile=false", "trainer.precision=32", "trainer.channels_last=false",
+        "agent.num_envs=4", "agent.train_frequency=8", "agent.batch_size=32", "agent.total_timesteps=800",
+        "agent.learning_starts=400", "agent.buffer_size=2000", "agent.eval_episodes=1", "agent.eval_num_envs=1",
+        "agent.log_every=200", "env.max_episode_frames=800"]
+
+
+@pytest.mark.timeout(600)
+def test_cartpole_reaches_475(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    r = run_lab(tmp_path, *QUIET, "+experiment=dqn_cartpole", "agent.video=false", "agent.eval_every=50_000",
+                f"hydra.run.dir={run}", "seed=0", timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    evals = [m for m in read_metrics(run) if "eval/episode_return" in m]
+    assert evals[-1]["env_steps"] >= 50_000
+    assert evals[-1]["eval/episode_return"] >= 475, evals
+    episodes = [m["train/episode_return"] for m in read_metrics(run) if "train/episode_return" in m]
+    assert max(episodes) > 5 * min(episodes)  # training episodes got longer as it learned
+
+
+def test_short_pong_run_then_eval_mode_then_resume(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    r = run_lab(tmp_path, *PONG, f"hydra.run.dir={run}", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_metrics(run)
+    train = [m for m in rows if "train/loss" in m]
+    assert train and all(np.isfinite(m["train/loss"]) for m in train)
+    assert rows[-1]["env_steps"] == 800 and rows[-1]["frames"] == 3200
+    final = rows[-1]
+    assert "eval/episode_return" in final and -21 <= final["eval/episode_return"] <= 21
+    assert list((run / "media").glob("eval_video_*.mp4"))
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["task"]["_extra_state"]["env_steps"] == 800
+    assert "buffer" not in state["task"]["_extra_state"]  # agent.save_replay=false
+
+    evaluated = tmp_path / "eval"
+    r = run_lab(tmp_path, *PONG, "mode=eval", f"checkpoint={run / 'checkpoints' / 'best.pt'}",
+                f"hydra.run.dir={evaluated}", "agent.eval_episodes=2", "agent.eval_num_envs=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (row,) = read_metrics(evaluated)
+    assert row["eval/episodes"] == 2 and row["env_steps"] == 800
+    assert list((evaluated / "media").glob("eval_video_*.mp4"))
+
+    r = run_lab(tmp_path, *PONG, f"hydra.run.dir={run}", "resume=true", "agent.total_timesteps=1600")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "refilling 400 transitions" in r.stdout
+    rows = read_metrics(run)
+    assert rows[-1]["env_steps"] == 1600
+    resumed = [m for m in rows if m.get("env_steps", 0) > 800 and "train/loss" in m]
+    assert resumed and resumed[0]["env_steps"] >= 1200  # no update until 400 new transitions were stored
+
+
+def test_bad_agent_settings_are_refused(tmp_path: Path) -> None:
+    cases = {
+        ("+experiment=dqn_cartpole", "agent.train_frequency=6"): "must be a multiple of agent.num_envs",
+        ("+experiment=dqn_cartpole", "env.id=NoSuchEnv-v0"): "env.id='NoSuchEnv-v0'",
+        ("+experiment=dqn_cartpole", "agent.train_frequency=0"): "ceil_div needs",
+        ("+experiment=dqn_cartpole", "mode=eval"): "mode=eval needs checkpoint=PATH",
+        ("+experiment=dqn_cartpole", "mode=eval", "checkpoint=nope.pt"): "does not exist",
+    }
+    for args, message in cases.items():
+        r = run_lab(tmp_path, *QUIET, *args)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr

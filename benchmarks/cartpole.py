@@ -1,7 +1,7 @@
 """DQN on CartPole-v1: environment steps and seconds to a mean evaluation return of 475, the lab
 versus stable-baselines3 with RL Zoo's hyperparameters, same machine, same run, one after the other.
 
-    python benchmarks/cartpole.py [--seeds 0 1 2] [--eval-every 5000] [--threads N] [--lab-args key=value ...]
+    python benchmarks/cartpole.py [--seeds 0 1 2] [--eval-every 5000] [--sb3-threads N] [--lab-args k=v ...]
 
 1. The lab: `python -m lab +experiment=dqn_cartpole logger=none agent.eval_every=... agent.video=false
    seed=S` in a subprocess (its recipe: 4 envs, train_frequency 256, gradient_steps 128, batch 64,
@@ -41,8 +41,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
 import record  # noqa: E402
 
+TORCH_DEFAULT_THREADS = torch.get_num_threads()  # before --sb3-threads changes it
 TARGET = 475.0
 TRAIN_FREQ = 256
 TOTAL = 50_000
@@ -56,9 +60,11 @@ RL_ZOO = {  # rl-baselines3-zoo hyperparams/dqn.yml, CartPole-v1
 
 class CpuWatch:
     """CPU seconds that other processes used on this machine while a run ran: all CPUs' busy time
-    (/proc/stat) minus this process's and its waited-for children's (os.times)."""
+    (/proc/stat) minus this process's and its waited-for children's (os.times). The run counts as
+    contended when the others needed more than the cores it left free (`threads` of them its own)."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
         self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy(), self._own()
 
     @staticmethod
@@ -74,12 +80,20 @@ class CpuWatch:
         wall = time.perf_counter() - self.t0
         own = self._own() - self.own0
         other = max(0.0, self._busy() - self.busy0 - own)
+        spare = max(0, (os.cpu_count() or 1) - self.threads) * wall  # core-seconds the run left free
         return {"own_cpu_s": round(own, 1), "other_processes_cpu_s": round(other, 1),
-                "contended": other > max(3.0, 0.05 * wall)}
+                "contended": other > spare + max(3.0, 0.05 * wall)}
 
 
 def first_hit(evals: list[dict[str, Any]]) -> dict[str, Any] | None:
     return next((e for e in evals if e["eval_return"] >= TARGET), None)
+
+
+def lab_threads(extra: list[str]) -> int:
+    """The torch threads a lab run uses: trainer.num_threads of its composed config, else torch's default."""
+    out = subprocess.run([sys.executable, "-m", "lab", "+experiment=dqn_cartpole", *extra, "--cfg", "job"], cwd=REPO,
+                         check=True, capture_output=True, text=True).stdout
+    return OmegaConf.create(out).trainer.get("num_threads") or TORCH_DEFAULT_THREADS
 
 
 def lab_run(seed: int, eval_every: int, extra: list[str]) -> dict[str, Any]:
@@ -87,7 +101,8 @@ def lab_run(seed: int, eval_every: int, extra: list[str]) -> dict[str, Any]:
     run_dir = Path(tempfile.mkdtemp(prefix="lab-cartpole-"))
     cmd = [sys.executable, "-m", "lab", "+experiment=dqn_cartpole", "logger=none", "trainer.progress=false",
            f"hydra.run.dir={run_dir}", f"seed={seed}", f"agent.eval_every={eval_every}", "agent.video=false", *extra]
-    watch = CpuWatch()
+    threads = lab_threads(extra)
+    watch = CpuWatch(threads)
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
@@ -112,14 +127,13 @@ def lab_run(seed: int, eval_every: int, extra: list[str]) -> dict[str, Any]:
         "loop_elapsed_s": round(final["perf/elapsed_s"], 2),
         "env_steps_per_train_s": round(evals[-1]["env_steps"] / evals[-1]["train_s"], 1),
         "logged_env_steps_per_sec": [round(r["perf/samples_per_sec"], 1) for r in train],
-        "process_wall_s": round(wall, 1), **cpu,
+        "process_wall_s": round(wall, 1), "torch_threads": threads, **cpu,
     }
 
 
 def sb3_run(seed: int, eval_at: int) -> dict[str, Any]:
     """stable-baselines3 DQN with RL Zoo's hyperparameters, evaluated every `eval_at` env steps and at the end."""
     import gymnasium as gym
-    import torch
     from stable_baselines3 import DQN
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.evaluation import evaluate_policy
@@ -159,7 +173,7 @@ def sb3_run(seed: int, eval_at: int) -> dict[str, Any]:
             if not self.evals or self.evals[-1]["env_steps"] != self.num_timesteps:
                 self.evaluate()
 
-    watch = CpuWatch()
+    watch = CpuWatch(torch.get_num_threads())
     t0 = time.perf_counter()
     kw = {k: v for k, v in RL_ZOO.items() if k not in ("policy", "n_timesteps")}
     model = DQN(RL_ZOO["policy"], gym.make("CartPole-v1"), seed=seed, device="cpu", verbose=0, **kw)
@@ -182,6 +196,21 @@ def sb3_run(seed: int, eval_at: int) -> dict[str, Any]:
         "env_steps_per_train_s": round(model.num_timesteps / train_s, 1),
         "wall_s_model_to_end": round(end - t0, 1), "torch_threads": torch.get_num_threads(), **watch.stop(),
     }
+
+
+NOTES = [
+    "seconds count training only (evaluation excluded); the lab's process_wall_s includes interpreter start, "
+    "imports, Hydra, evaluations, checkpoints and the curves plot; SB3's wall_s_model_to_end runs from building "
+    "the model (SB3 already imported) to the end of learn(), evaluations included",
+    "the lab steps 4 envs (its recipe), SB3 1 env (RL Zoo's); both evaluate after the same env steps",
+    "other_processes_cpu_s: CPU seconds other processes used during a run (the machine is shared); a run is "
+    "'contended' when they needed more than the cores it left free (cores minus its torch threads) plus "
+    "max(3 s, 5% of its wall time), and is then run again (--retries), keeping the least disturbed attempt; the "
+    "learning curve of a seed is the same on every attempt",
+    "own_cpu_s: CPU seconds of the run itself (lab: its whole subprocess; SB3: this process, model to end); "
+    "train_cpu_s (SB3): learn() minus evaluation",
+    "the lab runs with agent.video=false (no evaluation video), as SB3's evaluation records none",
+]
 
 
 def median(values: list[float | None]) -> float | None:
@@ -213,17 +242,15 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--eval-every", type=int, default=5000, help="env steps; the lab rounds up to whole iterations")
     ap.add_argument("--lab-args", nargs="*", default=[], help="extra overrides for the lab runs")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads for both (OMP_NUM_THREADS for the lab's subprocess); default: torch's own")
+    ap.add_argument("--sb3-threads", type=int, default=None,
+                    help="torch threads for SB3 (default: torch's own, as RL Zoo); the lab's come from its config "
+                         "(trainer.num_threads; override with --lab-args trainer.num_threads=N)")
     ap.add_argument("--retries", type=int, default=2,
                     help="run a seed again when other processes used the CPU during it (at most this often)")
     ap.add_argument("--name", default="cartpole", help="the record's name: benchmarks/results/<name>.json")
     args = ap.parse_args()
-    if args.threads:
-        import torch
-
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the lab's subprocess
-        torch.set_num_threads(args.threads)
+    if args.sb3_threads:
+        torch.set_num_threads(args.sb3_threads)
     eval_at = math.ceil(args.eval_every / TRAIN_FREQ) * TRAIN_FREQ  # the lab's cadence, in env steps
     t0 = time.perf_counter()
     lab, sb3, discarded = [], [], []
@@ -244,40 +271,36 @@ def main() -> None:
                           "other_processes_cpu_s")}} for r in tries if r is not best)
         return best
 
+    import stable_baselines3
+
+    def build(complete: bool) -> dict[str, Any]:
+        lab_sum, sb3_sum = summary(lab, "process_wall_s"), summary(sb3, "wall_s_model_to_end")
+        return {
+            "complete": complete, "target_eval_return": TARGET, "seeds": args.seeds, "eval_env_steps": eval_at,
+            "stable_baselines3": stable_baselines3.__version__,
+            "lab": {"torch_threads": [r["torch_threads"] for r in lab], "summary": lab_sum, "runs": lab},
+            "sb3": {"hyperparameters": RL_ZOO, "n_envs": 1, "torch_threads": [r["torch_threads"] for r in sb3],
+                    "summary": sb3_sum, "runs": sb3},
+            "contended_runs_kept": sum(r["contended"] for r in lab + sb3),
+            "discarded_contended_attempts": discarded,
+            "ratio_lab_over_sb3": {
+                "median_steps_to_475": ratio(lab_sum["median_steps_to_475"], sb3_sum["median_steps_to_475"]),
+                "median_seconds_to_475": ratio(lab_sum["median_seconds_to_475"], sb3_sum["median_seconds_to_475"]),
+                "median_train_s_full_budget": ratio(lab_sum["median_train_s_full_budget"],
+                                                    sb3_sum["median_train_s_full_budget"]),
+            },
+            "notes": NOTES,
+            "benchmark_seconds": round(time.perf_counter() - t0, 1),
+        }
+
     for seed in args.seeds:
         lab.append(attempt("lab", lambda s=seed: lab_run(s, args.eval_every, args.lab_args), seed))
         sb3.append(attempt("sb3", lambda s=seed: sb3_run(s, eval_at), seed))
-    import stable_baselines3
-
-    lab_sum, sb3_sum = summary(lab, "process_wall_s"), summary(sb3, "wall_s_model_to_end")
-    figures = {
-        "target_eval_return": TARGET, "seeds": args.seeds, "threads": args.threads, "eval_env_steps": eval_at,
-        "stable_baselines3": stable_baselines3.__version__,
-        "lab": {"summary": lab_sum, "runs": lab},
-        "sb3": {"hyperparameters": RL_ZOO, "n_envs": 1, "summary": sb3_sum, "runs": sb3},
-        "contended_runs_kept": sum(r["contended"] for r in lab + sb3),
-        "discarded_contended_attempts": discarded,
-        "ratio_lab_over_sb3": {
-            "median_steps_to_475": ratio(lab_sum["median_steps_to_475"], sb3_sum["median_steps_to_475"]),
-            "median_seconds_to_475": ratio(lab_sum["median_seconds_to_475"], sb3_sum["median_seconds_to_475"]),
-            "median_train_s_full_budget": ratio(lab_sum["median_train_s_full_budget"],
-                                                sb3_sum["median_train_s_full_budget"]),
-        },
-        "notes": [
-            "seconds count training only (evaluation excluded); the lab's process_wall_s includes interpreter "
-            "start, imports, Hydra, evaluations, checkpoints and the curves plot; SB3's wall_s_model_to_end runs "
-            "from building the model (SB3 already imported) to the end of learn(), evaluations included",
-            "the lab steps 4 envs (its recipe), SB3 1 env (RL Zoo's); both evaluate after the same env steps",
-            "other_processes_cpu_s: CPU seconds other processes used during a run (the machine is shared); a run "
-            "is 'contended' above max(3 s, 5% of its wall time) and then run again (--retries), keeping the "
-            "least disturbed attempt; the learning curve of a seed is the same on every attempt",
-            "own_cpu_s: CPU seconds of the run itself (lab: its whole subprocess; SB3: this process, model to end), "
-            "train_cpu_s (SB3): learn() minus evaluation",
-            "the lab runs with agent.video=false (no evaluation video), as SB3's evaluation records none",
-        ],
-        "benchmark_seconds": round(time.perf_counter() - t0, 1),
-    }
-    print(json.dumps({"lab": lab_sum, "sb3": sb3_sum, "ratio_lab_over_sb3": figures["ratio_lab_over_sb3"]}))
+        if seed != args.seeds[-1]:
+            record.write(args.name, build(complete=False))  # a run stopped midway keeps what it measured
+    figures = build(complete=True)
+    print(json.dumps({k: figures[k] for k in ("ratio_lab_over_sb3", "contended_runs_kept")}))
+    print(json.dumps({"lab": figures["lab"]["summary"], "sb3": figures["sb3"]["summary"]}))
     record.write(args.name, figures)
 
 

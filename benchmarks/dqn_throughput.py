@@ -8,8 +8,9 @@ hyperparameters: batch 32, one update every 4 env steps, Adam 1e-4, target updat
 steps, replay buffer 100k, gradient clipping at 10, vanilla DQN (no Double, no dueling, 1-step).
 Each runs in its own process, one after the other. Reported: env steps per second of the whole
 training loop (acting, env stepping, replay, updates) from `learning_starts` to the end, the ratio,
-and each process's peak resident memory. The lab runs its recipe for speed (`--lab-args`, default
-bf16 autocast and channels-last); SB3 runs as SB3 does (fp32).
+and each process's peak resident memory. Both run fp32 (`--lab-args trainer.precision=bf16 ...` to try
+the lab's other settings). Run it on an otherwise idle machine: 2 cores shared with another torch
+process slow both several-fold.
 Writes benchmarks/results/dqn_throughput.json.
 """
 
@@ -32,7 +33,7 @@ import record  # noqa: E402
 
 HPARAMS = dict(batch_size=32, train_frequency=4, gradient_steps=1, learning_rate=1e-4, target_update_interval=1000,
                buffer_size=100_000, gamma=0.99, exploration_fraction=0.1, epsilon_end=0.01)
-LAB_SPEED = ["trainer.precision=bf16", "trainer.channels_last=true"]
+LAB_SPEED: list[str] = []  # bf16 + channels-last measured slower here for batch-1 acting: fp32 by default
 
 
 def lab_args(steps: int, starts: int, envs: int, run_dir: str, extra: list[str]) -> list[str]:

@@ -13,7 +13,8 @@ from conftest import read_metrics, run_lab
 
 QUIET = ["logger=none", "trainer.progress=false"]
 # Pong on 2 CPU cores: 4 envs, tiny buffer, one short evaluation game (env.max_episode_frames caps it).
-PONG = [*QUIET, "+experiment=dqn_pong", "trainer.compile=false", "trainer.precision=32", "trainer.channels_last=false",
+PONG = [*QUIET, "+experiment=dqn_pong", "trainer.num_threads=1", "trainer.compile=false", "trainer.precision=32",
+        "trainer.channels_last=false",
         "agent.num_envs=4", "agent.train_frequency=8", "agent.batch_size=32", "agent.total_timesteps=800",
         "agent.learning_starts=400", "agent.buffer_size=2000", "agent.eval_episodes=1", "agent.eval_num_envs=1",
         "agent.log_every=200", "env.max_episode_frames=800"]

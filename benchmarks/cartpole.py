@@ -49,7 +49,6 @@ import record  # noqa: E402
 TORCH_DEFAULT_THREADS = torch.get_num_threads()  # before --sb3-threads changes it
 TARGET = 475.0
 TRAIN_FREQ = 256
-TOTAL = 50_000
 
 RL_ZOO = {  # rl-baselines3-zoo hyperparams/dqn.yml, CartPole-v1
     "policy": "MlpPolicy", "n_timesteps": 50_000, "learning_rate": 2.3e-3, "batch_size": 64, "buffer_size": 100_000,
@@ -247,8 +246,10 @@ def main() -> None:
                          "(trainer.num_threads; override with --lab-args trainer.num_threads=N)")
     ap.add_argument("--retries", type=int, default=2,
                     help="run a seed again when other processes used the CPU during it (at most this often)")
-    ap.add_argument("--name", default="cartpole", help="the record's name: benchmarks/results/<name>.json")
+    ap.add_argument("--name", default=None, help="the record's name: benchmarks/results/<name>.json (default: "
+                                                 "cartpole, or cartpole_sb3_<N>thread with --sb3-threads N)")
     args = ap.parse_args()
+    args.name = args.name or ("cartpole" if args.sb3_threads is None else f"cartpole_sb3_{args.sb3_threads}thread")
     if args.sb3_threads:
         torch.set_num_threads(args.sb3_threads)
     eval_at = math.ceil(args.eval_every / TRAIN_FREQ) * TRAIN_FREQ  # the lab's cadence, in env steps

@@ -22,6 +22,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -76,15 +77,21 @@ def episode_flags(slots: int, num_envs: int, rng: np.random.Generator) -> dict[s
             "terminated": terminated, "truncated": truncated, "first": first, "real": real}
 
 
-def time_sample(buffer: ReplayBuffer, batch_size: int, n_step: int, repeats: int,
-                generator: torch.Generator) -> float:
-    """Mean milliseconds of one `buffer.sample(batch_size, ...)` after two warm-up calls."""
-    for _ in range(2):
-        buffer.sample(batch_size, n_step, 0.99, generator)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        buffer.sample(batch_size, n_step, 0.99, generator)
-    return (time.perf_counter() - t0) / repeats * 1e3
+def time_sample(buffer: ReplayBuffer, configs: list[tuple[int, int, int]], rounds: int,
+                generator: torch.Generator) -> dict[str, Any]:
+    """Milliseconds per `buffer.sample(batch_size, n_step, ...)`: for each (batch_size, n_step, calls), the mean
+    over `calls` calls, measured in `rounds` interleaved rounds (after a warm-up); the median round and all."""
+    for b, n, _ in configs:
+        buffer.sample(b, n, 0.99, generator)
+    per: dict[str, list[float]] = {f"batch_{b}_n_step_{n}": [] for b, n, _ in configs}
+    for _ in range(rounds):
+        for b, n, calls in configs:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                buffer.sample(b, n, 0.99, generator)
+            per[f"batch_{b}_n_step_{n}"].append(round((time.perf_counter() - t0) / calls * 1e3, 3))
+    return {"median_ms": {k: statistics.median(v) for k, v in per.items()}, "rounds_ms": per,
+            "torch_threads": torch.get_num_threads()}
 
 
 def lab_buffer(transitions: int, num_envs: int, seed: int) -> dict[str, Any]:
@@ -121,8 +128,7 @@ def lab_buffer(transitions: int, num_envs: int, seed: int) -> dict[str, Any]:
     env = torch.tensor([num_envs - 1])
     newest = buffer.observation(t, env)[0, -1].numpy()
     assert np.array_equal(newest, pool[(buffer.slots - 10) % len(pool)][num_envs - 1, -1]), "frame mismatch"
-    sample_ms = {f"batch_{b}_n_step_{n}_ms": round(time_sample(buffer, b, n, reps, gen), 3)
-                 for b, n, reps in ((32, 1, 300), (256, 1, 100), (32, 3, 300), (256, 3, 100))}
+    sample_ms = time_sample(buffer, [(32, 1, 200), (256, 1, 50), (32, 3, 200), (256, 3, 50)], 5, gen)
     nbytes = buffer.nbytes
     arrays = {k: v.numel() * v.element_size() for k, v in buffer._tensors().items()}
     slots, held = buffer.slots, len(buffer)
@@ -144,7 +150,7 @@ def lab_buffer(transitions: int, num_envs: int, seed: int) -> dict[str, Any]:
         "peak_rss_gb": round(filled["VmHWM"] / GB, 3),
         "create_seconds": round(create_s, 2), "fill_seconds": round(fill_s, 1),
         "adds_per_sec": round(slots / fill_s, 1),
-        "sample_checks": checks, "sample_mean": sample_ms,
+        "sample_checks": checks, "sample_ms": sample_ms,
     }
 
 
@@ -194,7 +200,7 @@ def main() -> None:
     print(f"SB3 optimize_memory_usage=True: {sb3['nbytes_gb']} GB", flush=True)
     lab = lab_buffer(args.transitions, args.num_envs, args.seed)
     print(f"lab: nbytes {lab['nbytes_gb']} GB, RSS +{lab['rss_increase_after_filling_gb']} GB after filling, "
-          f"peak {lab['peak_rss_gb']} GB, sample {lab['sample_mean']}", flush=True)
+          f"peak {lab['peak_rss_gb']} GB, sample ms {lab['sample_ms']['median_ms']}", flush=True)
     obs_and_next = args.transitions * 2 * STACK * FRAME[0] * FRAME[1]
     measured = max(lab["nbytes"], lab["rss_increase_after_filling_gb"] * GB)
     figures = {

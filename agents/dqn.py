@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from agents.envs import EpisodeTracker, evaluate, is_atari, make_env
+from agents.envs import EpisodeTracker, Evaluator, is_atari, make_env
 from agents.replay import ReplayBuffer
 from lab.errors import LabError
 from lab.task import RunContext, Task
@@ -105,8 +105,7 @@ class DQN(Task):
         self.rng = np.random.default_rng(ctx.seed)
         self.env_steps = 0
         self.updates = 0
-        self.evaluations = 0
-        self._eval_env: gym.vector.VectorEnv | None = None
+        self.evaluator = Evaluator(cfg.env, cfg.agent, ctx.seed, ctx.logger)
         if not self.learning_run:
             return
         self.env = make_env(cfg.env, a.num_envs, ctx.seed)
@@ -184,20 +183,7 @@ class DQN(Task):
         return out
 
     def evaluate(self) -> dict[str, float]:
-        a = self.a
-        if self._eval_env is None:
-            k = min(int(a.eval_episodes), int(a.eval_num_envs))
-            self._eval_env = make_env(self.cfg.env, k, self.ctx.seed + 10_000, render=bool(a.video) and not self.atari)
-        self.evaluations += 1
-        record = bool(a.video)
-        returns, lengths, frames = evaluate(lambda obs: self.act(obs, a.eval_epsilon), self._eval_env,
-                                            int(a.eval_episodes), seed=self.ctx.seed + 10_000 * self.evaluations,
-                                            video=record)
-        if frames is not None:
-            self.ctx.logger.log_video("eval/video", frames, fps=int(a.video_fps))
-        return {"episode_return": float(np.mean(returns)), "episode_return_std": float(np.std(returns)),
-                "episode_return_min": float(np.min(returns)), "episode_length": float(np.mean(lengths)),
-                "episodes": len(returns)}
+        return self.evaluator(lambda obs: self.act(obs, float(self.a.eval_epsilon)))
 
     # ---- acting and learning ------------------------------------------------------------------------
     @torch.no_grad()
@@ -240,15 +226,15 @@ class DQN(Task):
 
     # ---- checkpoint -----------------------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"env_steps": self.env_steps, "updates": self.updates, "evaluations": self.evaluations,
-                                 "rng": self.rng.bit_generator.state}
+        state: dict[str, Any] = {"env_steps": self.env_steps, "updates": self.updates,
+                                 "evaluations": self.evaluator.count, "rng": self.rng.bit_generator.state}
         if self.learning_run and self.a.save_replay:
             state["buffer"] = self.buffer.state_dict()
         return state
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.env_steps, self.updates = int(state["env_steps"]), int(state["updates"])
-        self.evaluations = int(state.get("evaluations", 0))
+        self.evaluator.count = int(state.get("evaluations", 0))
         self.rng.bit_generator.state = state["rng"]
         if not self.learning_run:
             return
@@ -263,6 +249,6 @@ class DQN(Task):
                   flush=True)
 
     def close(self) -> None:
-        for env in (getattr(self, "env", None), self._eval_env):
-            if env is not None:
-                env.close()
+        self.evaluator.close()
+        if getattr(self, "env", None) is not None:
+            getattr(self, "env", None).close()

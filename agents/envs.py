@@ -127,6 +127,35 @@ def evaluate(policy: Callable[[np.ndarray], np.ndarray], env: gym.vector.VectorE
     return returns, lengths, clip
 
 
+class Evaluator:
+    """The agents' evaluation protocol: `agent.eval_episodes` whole games at `agent.eval_epsilon` in
+    `agent.eval_num_envs` envs, seeded apart from training and anew each time, with a video of one."""
+
+    def __init__(self, env_cfg: DictConfig, agent_cfg: DictConfig, seed: int, logger: Any):
+        self.env_cfg, self.a, self.seed, self.logger = env_cfg, agent_cfg, seed, logger
+        self.env: gym.vector.VectorEnv | None = None
+        self.count = 0  # evaluations so far (checkpointed: a resumed run plays new games)
+
+    def __call__(self, policy: Callable[[np.ndarray], np.ndarray]) -> dict[str, float]:
+        a = self.a
+        if self.env is None:
+            k = min(int(a.eval_episodes), int(a.eval_num_envs))
+            render = bool(a.video) and not is_atari(str(self.env_cfg.id))
+            self.env = make_env(self.env_cfg, k, self.seed + 10_000, render=render)
+        self.count += 1
+        returns, lengths, frames = evaluate(policy, self.env, int(a.eval_episodes),
+                                            seed=self.seed + 10_000 * self.count, video=bool(a.video))
+        if frames is not None:
+            self.logger.log_video("eval/video", frames, fps=int(a.video_fps))
+        return {"episode_return": float(np.mean(returns)), "episode_return_std": float(np.std(returns)),
+                "episode_return_min": float(np.min(returns)), "episode_length": float(np.mean(lengths)),
+                "episodes": len(returns)}
+
+    def close(self) -> None:
+        if self.env is not None:
+            self.env.close()
+
+
 def _frame(env: gym.vector.VectorEnv, obs: np.ndarray, atari: bool) -> np.ndarray:
     """What the first copy shows: for Atari, the agent's newest 84x84 frame scaled x4; else `render()`."""
     if atari:

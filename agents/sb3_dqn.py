@@ -40,7 +40,7 @@ from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
-from agents.envs import ale_game, evaluate, is_atari, make_env
+from agents.envs import Evaluator, ale_game, is_atari, make_env
 from lab.errors import LabError
 from lab.task import RunContext, Task
 
@@ -268,9 +268,8 @@ class SB3DQN(Task):
         self.policy = self.model.policy  # a child module: its q_net and q_net_target go into checkpoints
         self.chunks = _Chunks(int(a.total_timesteps))
         self.rng = np.random.default_rng(ctx.seed)
-        self.evaluations = 0
+        self.evaluator = Evaluator(cfg.env, cfg.agent, ctx.seed, ctx.logger)
         self.refill_until = 0  # after a resume (no replay saved): env steps before updates start again
-        self._eval_env: gym.vector.VectorEnv | None = None
 
     # ---- trainer contract -------------------------------------------------------------------------
     def optimizers(self, total_steps: int | None) -> dict[str, Any]:
@@ -302,19 +301,7 @@ class SB3DQN(Task):
 
     def evaluate(self) -> dict[str, float]:
         """agents/dqn.py's protocol: `eval_episodes` whole games at `eval_epsilon`, on a separately seeded env."""
-        a = self.a
-        if self._eval_env is None:
-            k = min(int(a.eval_episodes), int(a.eval_num_envs))
-            self._eval_env = make_env(self.cfg.env, k, self.ctx.seed + 10_000, render=bool(a.video) and not self.atari)
-        self.evaluations += 1
-        returns, lengths, frames = evaluate(lambda obs: self.act(obs, float(a.eval_epsilon)), self._eval_env,
-                                            int(a.eval_episodes), seed=self.ctx.seed + 10_000 * self.evaluations,
-                                            video=bool(a.video))
-        if frames is not None:
-            self.ctx.logger.log_video("eval/video", frames, fps=int(a.video_fps))
-        return {"episode_return": float(np.mean(returns)), "episode_return_std": float(np.std(returns)),
-                "episode_return_min": float(np.min(returns)), "episode_length": float(np.mean(lengths)),
-                "episodes": len(returns)}
+        return self.evaluator(lambda obs: self.act(obs, float(self.a.eval_epsilon)))
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, epsilon: float) -> np.ndarray:
@@ -334,7 +321,7 @@ class SB3DQN(Task):
         return {"num_timesteps": int(m.num_timesteps), "n_updates": int(m._n_updates), "n_calls": int(m._n_calls),
                 "episode_num": int(m._episode_num), "exploration_rate": float(m.exploration_rate),
                 "progress_remaining": float(m._current_progress_remaining),
-                "optimizer": m.policy.optimizer.state_dict(), "evaluations": self.evaluations,
+                "optimizer": m.policy.optimizer.state_dict(), "evaluations": self.evaluator.count,
                 "rng": self.rng.bit_generator.state}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
@@ -344,7 +331,7 @@ class SB3DQN(Task):
         m._episode_num, m.exploration_rate = int(state["episode_num"]), float(state["exploration_rate"])
         m._current_progress_remaining = float(state["progress_remaining"])
         m.policy.optimizer.load_state_dict(state["optimizer"])
-        self.evaluations = int(state["evaluations"])
+        self.evaluator.count = int(state["evaluations"])
         self.rng.bit_generator.state = state["rng"]
         if self.train_mode:
             refill = min(int(self.a.learning_starts), int(self.a.buffer_size))
@@ -353,6 +340,6 @@ class SB3DQN(Task):
                   "(epsilon-greedy) before learning resumes", flush=True)
 
     def close(self) -> None:
-        for env in (self.env, self._eval_env):
-            if env is not None:
-                env.close()
+        self.evaluator.close()
+        if self.env is not None:
+            self.env.close()

@@ -227,6 +227,8 @@ class Trainer:
             print(f"[lab] resumed from {self.ckpt_dir / 'last.pt'} at step {counters['step']}", flush=True)
 
         step, epoch = counters["step"], counters["epoch"]
+        # Read once: interpolated values (an agent's ${ceil_div:...}) are recomputed on every access.
+        log_every, eval_every, checkpoint_every = cfg.log_every, cfg.eval_every, cfg.checkpoint_every
         max_steps = cfg.max_steps or math.inf
         max_epochs = cfg.max_epochs or math.inf
         window: dict[str, torch.Tensor] = {}
@@ -273,7 +275,7 @@ class Trainer:
                     samples_window += (task.samples_in(batch) or 0) * self.dist.world_size
 
                     stopped = distributed.any_rank(self.stop_signal is not None, self.dist, self.device)
-                    if step % cfg.log_every == 0 or stopped or step >= max_steps:
+                    if step % log_every == 0 or stopped or step >= max_steps:
                         dt = time.perf_counter() - t_window
                         metrics = {f"train/{k}": (v / counts[k]).item() for k, v in window.items()}
                         metrics.update({f"train/{k}": v for k, v in optim.lrs().items()})
@@ -290,11 +292,11 @@ class Trainer:
                     if stopped:
                         break
                     t_pause = time.perf_counter()  # evaluation and saving do not count against throughput
-                    if cfg.eval_every and step % cfg.eval_every == 0:
+                    if eval_every and step % eval_every == 0:
                         self._evaluate(task, optim, counters, snapshot)
                         if self.target_reached:
                             break
-                    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    if checkpoint_every and step % checkpoint_every == 0:
                         self._save("last.pt", self._state(task, optim, snapshot()))
                     t_window += time.perf_counter() - t_pause
                     if step >= max_steps:

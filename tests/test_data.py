@@ -115,3 +115,73 @@ def test_augmentation_keeps_shapes_and_content() -> None:
     for i in range(2):  # each crop is a window of the zero-padded image
         padded = torch.nn.functional.pad(x[i], (1, 1, 1, 1))
         assert any(torch.equal(crops[i], padded[:, a:a + 8, b:b + 8]) for a in range(3) for b in range(3))
+
+
+def test_cifar100_reads_the_real_on_disk_format(tmp_path: Path) -> None:
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 4)):
+        images, fine = rng.integers(0, 256, (n, 3072), dtype=np.uint8), rng.integers(0, 100, n).tolist()
+        with open(folder / split, "wb") as f:  # CIFAR-100's python format: fine and coarse labels
+            pickle.dump({b"filenames": [], b"batch_label": b"x", b"fine_labels": fine,
+                         b"coarse_labels": [y // 5 for y in fine], b"data": images}, f, protocol=2)
+    test = data.load("cifar100", "test", tmp_path, download=False)
+    assert test.images.shape == (4, 3, 32, 32) and test.labels.tolist() == fine
+    assert torch.equal(test.images[1], torch.from_numpy(images[1].reshape(3, 32, 32)))
+    assert len(test.spec.classes) == 100 and test.spec.classes[0] == "apple" and test.spec.classes[-1] == "worm"
+
+
+def _png(path: Path, size: tuple[int, int], value: int, mode: str = "RGB") -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    Image.fromarray(np.full(shape, value, np.uint8), mode).save(path)
+
+
+def test_image_folder_with_classes_splits_and_resize(tmp_path: Path) -> None:
+    for i in range(5):
+        _png(tmp_path / "cats" / f"{i}.png", (50, 40), 10 + i)
+        _png(tmp_path / "dogs" / "deep" / f"{i}.jpg", (30, 30), 200, mode="L")  # grey, nested: still RGB, found
+    cfg = {"name": "folder", "path": str(tmp_path), "image_size": 16, "test_fraction": 0.2}
+    train, test = data.from_config(cfg, "train"), data.from_config(cfg, "test")
+    assert train.spec.classes == ("cats", "dogs") and train.images.shape == (8, 3, 16, 16)
+    assert test.images.shape == (2, 3, 16, 16) and len(train.labels) + len(test.labels) == 10
+    assert sorted(train.labels.tolist() + test.labels.tolist()) == [0] * 5 + [1] * 5
+    assert all(bool((im >= 200).all()) == (y == 1) for im, y in zip(train.images, train.labels))  # labels follow files
+    assert train.spec.mean == (0.5, 0.5, 0.5)
+    grey = data.from_config({**cfg, "channels": 1, "test_fraction": 0}, "train")
+    assert grey.images.shape == (10, 1, 16, 16)
+    with pytest.raises(LabError, match="different sizes.*data.image_size"):
+        data.from_config({**cfg, "image_size": None}, "train")
+    with pytest.raises(LabError, match="no test images"):
+        data.from_config({**cfg, "test_fraction": 0}, "test")
+    with pytest.raises(LabError, match="data.path"):
+        data.from_config({"name": "folder", "path": str(tmp_path / "nope")}, "train")
+
+
+def test_image_folder_without_classes_and_with_split_folders(tmp_path: Path) -> None:
+    for i in range(4):
+        _png(tmp_path / "flat" / f"{i}.png", (20, 20), i)
+    flat = data.load_folder(tmp_path / "flat", "train", test_fraction=0)
+    assert flat.images.shape == (4, 3, 20, 20) and flat.labels.tolist() == [0, 0, 0, 0]
+    for split, n in (("train", 3), ("val", 2)):
+        for c in ("a", "b"):
+            for i in range(n):
+                _png(tmp_path / "split" / split / c / f"{i}.png", (8, 8), 100 if c == "b" else 0)
+    test = data.load_folder(tmp_path / "split", "test")
+    assert test.images.shape == (4, 3, 8, 8) and test.labels.tolist() == [0, 0, 1, 1]
+    assert data.load_folder(tmp_path / "split", "train").images.shape[0] == 6
+
+
+def test_resize_and_channels_for_builtin_sets() -> None:
+    cfg = {"name": "fashion_mnist", "root": str(DATA), "download": False, "image_size": 32, "channels": 3,
+           "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    test = data.from_config(cfg, "test")
+    assert test.images.shape == (10000, 3, 32, 32) and test.images.dtype == torch.uint8
+    assert torch.equal(test.images[:, 0], test.images[:, 2]) and test.spec.mean == (0.485, 0.456, 0.406)
+    plain = data.load("fashion_mnist", "test", DATA)
+    assert (test.images.float().mean() - plain.images.float().mean()).abs() < 1.0  # same content, resized
+    with pytest.raises(LabError, match="one per channel"):
+        data.from_config({**cfg, "mean": [0.5]}, "test")

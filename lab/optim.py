@@ -18,7 +18,13 @@ def build_optimizer(cfg: DictConfig, params: Iterable[torch.nn.Parameter]) -> to
 
 
 def build_scheduler(cfg: DictConfig | None, optimizer: torch.optim.Optimizer, total_steps: int | None) -> Any:
-    """A per-step schedule: `name: none | onecycle | cosine | step` with its parameters."""
+    """A per-step schedule: `name: none | onecycle | cosine | step` with its parameters.
+
+    onecycle: `max_lr` (peak), `pct_start`, `div_factor`, `final_div_factor`; momentum (or Adam's beta1)
+    cycles too when the optimizer has one. cosine: `eta_min`, `warmup` (share of the budget, linear from
+    lr/100). step: `step_size` and `gamma` (StepLR), or `milestones` as shares of the budget, e.g.
+    [0.5, 0.75] for He et al.'s lr/10 at 50% and 75%.
+    """
     name = (cfg or {}).get("name", "none") if cfg is not None else "none"
     if name in ("none", None):
         return None
@@ -26,11 +32,24 @@ def build_scheduler(cfg: DictConfig | None, optimizer: torch.optim.Optimizer, to
         raise LabError(f"scheduler.name={name} needs a step budget: set trainer.max_epochs or trainer.max_steps")
     S = torch.optim.lr_scheduler
     if name == "onecycle":
+        group = optimizer.defaults
+        has_momentum = group.get("momentum", 0) > 0 or "betas" in group  # never add momentum to plain SGD
         return S.OneCycleLR(optimizer, max_lr=cfg.max_lr, total_steps=total_steps,
                             pct_start=cfg.get("pct_start", 0.25), div_factor=cfg.get("div_factor", 25.0),
-                            final_div_factor=cfg.get("final_div_factor", 1e4))
+                            final_div_factor=cfg.get("final_div_factor", 1e4),
+                            cycle_momentum=cfg.get("cycle_momentum", has_momentum))
     if name == "cosine":
-        return S.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=cfg.get("eta_min", 0.0))
+        warmup = int(total_steps * cfg.get("warmup", 0.0))
+        cosine = S.CosineAnnealingLR(optimizer, T_max=total_steps - warmup, eta_min=cfg.get("eta_min", 0.0))
+        if not warmup:
+            return cosine
+        ramp = S.LinearLR(optimizer, start_factor=0.01, total_iters=warmup)
+        return S.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
     if name == "step":
+        if cfg.get("milestones") is not None:
+            if total_steps is None:
+                raise LabError("scheduler.milestones are shares of the budget: set trainer.max_epochs or max_steps")
+            steps = [int(total_steps * f) for f in cfg.milestones]
+            return S.MultiStepLR(optimizer, milestones=steps, gamma=cfg.get("gamma", 0.1))
         return S.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.get("gamma", 0.1))
     raise LabError(f"scheduler.name={name!r} is unknown; use none, onecycle, cosine or step")

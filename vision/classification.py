@@ -1,11 +1,15 @@
-"""Image classification: cross-entropy on a torchvision-style data set held on the device.
+"""Image classification: cross-entropy on an image data set held on the device.
 
-Config: `model` (any nn.Module taking in_channels, num_classes, image_size), `optimizer`,
-`scheduler`, `data` (name, batch sizes, subset, augmentation). Logs loss and accuracy, and
-a grid of misclassified test images with their label and prediction at every evaluation.
+Config: `model` (any nn.Module taking in_channels, num_classes, image_size; plus the transfer keys
+`weights`, `freeze`, `arch` of vision/transfer.py), `optimizer`, `scheduler`, `label_smoothing`, and
+`data` (lab/data.py: name or folder path, resize, channels, batch sizes, subset, augmentation).
+Logs train and test loss and accuracy; at every evaluation a confusion matrix (PNG and CSV) and a grid
+of misclassified test images with label and prediction; once, the parameter counts (also in model.txt).
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +20,7 @@ from lab.config import build
 from lab.optim import build_optimizer, build_scheduler
 from lab.plots import plt
 from lab.task import RunContext, Task
+from vision import transfer
 
 
 class Classification(Task):
@@ -25,8 +30,7 @@ class Classification(Task):
     def __init__(self, cfg: DictConfig, ctx: RunContext):
         super().__init__(cfg, ctx)
         d = cfg.data
-        train = data.load(d.name, "train", d.root, d.download)
-        test = data.load(d.name, "test", d.root, d.download)
+        train, test = data.from_config(d, "train"), data.from_config(d, "test")
         self.classes = train.spec.classes
         tr_x, tr_y = train.images[: d.get("subset")], train.labels[: d.get("subset")]
         self.test_x = test.images[: d.get("test_subset")].to(ctx.device)
@@ -38,10 +42,33 @@ class Classification(Task):
             world_size=ctx.dist.world_size, transform=lambda x: self.normalize(aug(x)))
         self.eval_batch_size = d.eval_batch_size
         _, c, h, _ = train.images.shape
-        self.model = build(cfg.model, "model", in_channels=c, num_classes=len(self.classes), image_size=h)
+
+        model_cfg, tl = transfer.split_config(cfg.model)
+        self.model = build(model_cfg, "model", in_channels=c, num_classes=len(self.classes), image_size=h)
+        self.frozen_bn: list[torch.nn.Module] = []
+        if tl["weights"]:
+            loaded = transfer.load_pretrained(self.model, str(tl["weights"]), tl["arch"])
+            print(f"[lab] loaded {len(loaded)} tensors from {tl['weights']}; new head for {len(self.classes)} "
+                  "classes", flush=True)
+        if tl["freeze"]:
+            self.frozen_bn = transfer.freeze_backbone(self.model)
+        self.params = {"model/params": sum(p.numel() for p in self.model.parameters()),
+                       "model/trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad)}
+        if ctx.dist.is_main:
+            ctx.run_dir.mkdir(parents=True, exist_ok=True)
+            (ctx.run_dir / "model.txt").write_text(
+                f"{self.model}\n\nparameters: {self.params['model/params']:,} "
+                f"(trainable: {self.params['model/trainable_params']:,})\n")
+        self._logged_params = False
+
+    def train(self, mode: bool = True) -> Classification:
+        super().train(mode)
+        for m in self.frozen_bn:  # a frozen backbone keeps its BatchNorm statistics too
+            m.eval()
+        return self
 
     def optimizers(self, total_steps: int | None) -> dict:
-        opt = build_optimizer(self.cfg.optimizer, self.model.parameters())
+        opt = build_optimizer(self.cfg.optimizer, [p for p in self.model.parameters() if p.requires_grad])
         return {"model": (opt, build_scheduler(self.cfg.get("scheduler"), opt, total_steps))}
 
     def train_data(self) -> data.TensorLoader:
@@ -55,20 +82,50 @@ class Classification(Task):
         return {"loss": loss, "accuracy": (logits.argmax(1) == y).float().mean()}
 
     def evaluate(self) -> dict:
-        loss, correct, wrong = 0.0, 0, []
+        if not self._logged_params:
+            self.ctx.logger.log(self.params)
+            self._logged_params = True
+        t0 = time.perf_counter()
+        k = len(self.classes)
+        loss, confusion, wrong = 0.0, torch.zeros(k * k, dtype=torch.int64, device=self.test_y.device), []
         for i in range(0, len(self.test_x), self.eval_batch_size):
             x, y = self.test_x[i: i + self.eval_batch_size], self.test_y[i: i + self.eval_batch_size]
             logits = self.model(self.normalize(x)).float()
             loss += F.cross_entropy(logits, y, reduction="sum").item()
             pred = logits.argmax(1)
-            correct += (pred == y).sum().item()
+            confusion += torch.bincount(y * k + pred, minlength=k * k)
             if sum(len(w[0]) for w in wrong) < 36:
                 miss = (pred != y).nonzero().flatten()
                 wrong.append((x[miss].cpu(), y[miss].cpu(), pred[miss].cpu()))
         n = len(self.test_x)
-        if wrong:
+        seconds = time.perf_counter() - t0
+        confusion = confusion.view(k, k).cpu()
+        if any(len(w[0]) for w in wrong):
             self.ctx.logger.log_image("eval/misclassified", self._grid(*map(torch.cat, zip(*wrong))))
-        return {"loss": loss / n, "accuracy": correct / n}
+        self.ctx.logger.log_image("eval/confusion_matrix", self._confusion_figure(confusion))
+        self.ctx.logger.log_table("eval/confusion_matrix", ["label \\ prediction", *self.classes],
+                                  [[c, *row] for c, row in zip(self.classes, confusion.tolist())])
+        return {"loss": loss / n, "accuracy": confusion.diag().sum().item() / n, "images_per_sec": n / seconds}
+
+    def _confusion_figure(self, confusion: torch.Tensor):
+        """Rows: true class; columns: prediction; colour: share of the row; counts written when few classes."""
+        k = len(self.classes)
+        share = confusion.float() / confusion.sum(1, keepdim=True).clamp(min=1)
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * k + 1.5), max(3.5, 0.5 * k + 1)))
+        ax.imshow(share.numpy(), cmap="Blues", vmin=0, vmax=1)
+        if k <= 20:
+            ax.set_xticks(range(k), self.classes, rotation=60, ha="right", fontsize=7)
+            ax.set_yticks(range(k), self.classes, fontsize=7)
+            for r in range(k):
+                for c in range(k):
+                    ax.text(c, r, str(confusion[r, c].item()), ha="center", va="center", fontsize=6,
+                            color="white" if share[r, c] > 0.5 else "black")
+        acc = confusion.diag().sum().item() / max(1, confusion.sum().item())
+        ax.set_xlabel("prediction")
+        ax.set_ylabel("label")
+        ax.set_title(f"confusion matrix, test accuracy {acc:.2%}", fontsize=9)
+        fig.tight_layout()
+        return fig
 
     def _grid(self, images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor, n: int = 36, cols: int = 6):
         """One figure of up to n misclassified images, each titled 'label → prediction'."""

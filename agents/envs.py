@@ -39,26 +39,38 @@ def is_atari(env_id: str) -> bool:
     return ale_game(env_id) is not None
 
 
-def make_env(cfg: DictConfig, num_envs: int, seed: int, render: bool = False) -> gym.vector.VectorEnv:
-    """`num_envs` copies of `cfg.id` (the experiment's `env:` block), seeded from `seed`."""
+def atari_vector_env(cfg: DictConfig, game: str, num_envs: int, **kwargs: Any) -> gym.vector.VectorEnv:
+    """ale-py's `AtariVectorEnv` with the standard preprocessing of the `env:` block (kwargs: its autoreset_mode).
+
+    One C++ thread per env up to the number of cores (`env.num_threads` overrides): spare threads wait
+    spinning and slow the network on a small machine."""
+    from ale_py.vector_env import AtariVectorEnv
+
+    threads = int(cfg.get("num_threads") or min(num_envs, os.cpu_count() or 1))
+    return AtariVectorEnv(
+        game, num_envs, frameskip=int(cfg.frameskip), stack_num=int(cfg.frame_stack),
+        noop_max=int(cfg.noop_max), repeat_action_probability=float(cfg.sticky_actions),
+        use_fire_reset=bool(cfg.fire_reset), max_num_frames_per_episode=int(cfg.max_episode_frames),
+        reward_clipping=False, episodic_life=False, num_threads=threads, **kwargs,
+    )
+
+
+def make_env(cfg: DictConfig, num_envs: int, seed: int, render: bool = False,
+             autoreset_mode: gym.vector.AutoresetMode | None = None) -> gym.vector.VectorEnv:
+    """`num_envs` copies of `cfg.id` (the experiment's `env:` block), seeded from `seed`; Gymnasium's
+    "next step" autoreset unless `autoreset_mode` says otherwise (SB3 wants "same step")."""
     env_id = str(cfg.id)
     game = ale_game(env_id)
+    mode = {} if autoreset_mode is None else {"autoreset_mode": autoreset_mode}
     if game is not None:
-        from ale_py.vector_env import AtariVectorEnv
-
-        env = AtariVectorEnv(
-            game, num_envs, frameskip=int(cfg.frameskip), stack_num=int(cfg.frame_stack),
-            noop_max=int(cfg.noop_max), repeat_action_probability=float(cfg.sticky_actions),
-            use_fire_reset=bool(cfg.fire_reset), max_num_frames_per_episode=int(cfg.max_episode_frames),
-            reward_clipping=False, episodic_life=False, num_threads=int(cfg.get("num_threads") or 0),
-        )
+        env = atari_vector_env(cfg, game, num_envs, **mode)
     else:
         if render:  # pygame draws off-screen, with no display or sound device
             os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
             os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
         try:
             env = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode=str(cfg.get("vectorization", "sync")),
-                               render_mode="rgb_array" if render else None)
+                               render_mode="rgb_array" if render else None, vector_kwargs=mode)
         except gym.error.Error as e:
             raise LabError(f"env.id={env_id!r}: {e}. Use a Gymnasium id (CartPole-v1, LunarLander-v3) or an "
                            "Atari one (ALE/Pong-v5, ALE/Breakout-v5, PongNoFrameskip-v4)") from None

@@ -111,13 +111,15 @@ class ReplayBuffer:
         """The observation at time steps `t` of envs `env`: a (B, stack, ...) stack, zero-padded at episode starts."""
         if self.stack == 1:
             return self.frames[t % self.slots, env]
-        back = torch.arange(self.stack, device=self.device)  # 0 = newest
+        back = torch.arange(self.stack - 1, -1, -1, device=self.device)  # oldest first, as the env stacks them
         idx = (t[:, None] - back) % self.slots  # (B, S)
         first = self.first[idx, env[:, None]]
-        keep = torch.ones_like(first)
-        keep[:, 1:] = torch.cumprod(~first[:, :-1], dim=1).bool()  # no episode start in between
-        frames = self.frames[idx, env[:, None]] * keep.view(*keep.shape, *[1] * (self.frames.dim() - 2))
-        return frames.flip(1)  # oldest first, as the env stacks them
+        # Keep a frame unless an episode starts after it, at a newer position of the same stack.
+        keep = (first.flip(1).cumsum(1).flip(1) - first.long()) == 0
+        rows = (idx * self.num_envs + env[:, None]).flatten()  # index_select on rows: far faster than 2-d indexing
+        frames = self.frames.view(self.slots * self.num_envs, -1).index_select(0, rows)
+        frames = frames.view(*idx.shape, *self.frames.shape[2:])
+        return frames * keep.view(*keep.shape, *[1] * (frames.dim() - 2)).to(frames.dtype)
 
     def cut(self) -> None:
         """End every stored trajectory at the newest step whose next frame is known (after a restore,

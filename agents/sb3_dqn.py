@@ -40,7 +40,7 @@ from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
-from agents.envs import Evaluator, ale_game, is_atari, make_env
+from agents.envs import Evaluator, is_atari, make_env
 from lab.errors import LabError
 from lab.task import RunContext, Task
 
@@ -50,20 +50,7 @@ SB3_DEFAULT_MAX_GRAD_NORM = 10.0
 def make_same_step_env(cfg: DictConfig, num_envs: int, seed: int) -> gym.vector.VectorEnv:
     """`agents.envs.make_env`'s env, but autoresetting in the *same* step (SB3's convention): the step that
     ends an episode returns the reset observation and puts the last one in `info["final_obs"]`."""
-    make_env(cfg, 1, seed).close()  # validates env.id and its action space with make_env's messages
-    same_step = gym.vector.AutoresetMode.SAME_STEP
-    game = ale_game(str(cfg.id))
-    if game is None:
-        return gym.make_vec(str(cfg.id), num_envs=num_envs, vectorization_mode=str(cfg.get("vectorization", "sync")),
-                            vector_kwargs={"autoreset_mode": same_step})
-    from ale_py.vector_env import AtariVectorEnv
-
-    return AtariVectorEnv(
-        game, num_envs, frameskip=int(cfg.frameskip), stack_num=int(cfg.frame_stack), noop_max=int(cfg.noop_max),
-        repeat_action_probability=float(cfg.sticky_actions), use_fire_reset=bool(cfg.fire_reset),
-        max_num_frames_per_episode=int(cfg.max_episode_frames), reward_clipping=False, episodic_life=False,
-        num_threads=int(cfg.get("num_threads") or 0), autoreset_mode=same_step,
-    )
+    return make_env(cfg, num_envs, seed, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
 
 class SB3VecEnv(VecEnv):

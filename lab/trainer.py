@@ -156,11 +156,14 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     def _prepare(self, task: Task) -> None:
-        """Compile each child module with parameters (a frozen target or feature net too); DDP-wrap those that train."""
+        """Compile each child module with parameters (a frozen target or feature net too); DDP-wrap those that train.
+
+        Static shapes: each batch size gets its own graph (an agent acts on 1 observation and learns on 512;
+        a graph generic in the batch size ran slower on CPU)."""
         for name, child in task.named_children():
             params = list(child.parameters())
             if params and self.cfg.compile:
-                child.compile()
+                child.compile(dynamic=False)
             if self.dist.enabled and any(p.requires_grad for p in params):
                 self._raw[name] = child
                 ids = [self.device.index] if self.device.type == "cuda" else None

@@ -102,12 +102,17 @@ class ImageData:
 
 
 def from_config(d: Mapping[str, Any], split: str) -> ImageData:
-    """A split of the data set a `data:` config describes (conf/data/*.yaml), resized and converted as asked."""
+    """A split of the data set a `data:` config describes (conf/data/*.yaml), resized and converted as asked.
+
+    `subset` (train) and `test_subset` (test) keep the first N images, before any resizing.
+    """
+    limit = d.get("subset" if split == "train" else "test_subset")
     if d.get("name") == "folder":
         out = load_folder(d.get("path"), split, d.get("image_size"), d.get("channels") or 3,
-                          d.get("test_fraction", 0.1))
+                          d.get("test_fraction", 0.1), limit)
     else:
-        out = conform(load(d["name"], split, d.get("root"), d.get("download", True)), d.get("image_size"),
+        out = load(d["name"], split, d.get("root"), d.get("download", True))
+        out = conform(ImageData(out.images[:limit], out.labels[:limit], out.spec), d.get("image_size"),
                       d.get("channels"))
     if d.get("mean") is not None or d.get("std") is not None:  # e.g. ImageNet statistics for pretrained weights
         c = out.images.shape[1]
@@ -221,8 +226,8 @@ class _NumpyOnly(pickle.Unpickler):
 
 
 def load_folder(path: str | Path | None, split: str = "train", image_size: int | None = None, channels: int = 3,
-                test_fraction: float = 0.1) -> ImageData:
-    """A split of an image folder (layouts in the module docstring) as uint8 tensors on the CPU."""
+                test_fraction: float = 0.1, limit: int | None = None) -> ImageData:
+    """A split of an image folder (layouts in the module docstring) as uint8 tensors on the CPU; `limit`: first N."""
     if not path:
         raise LabError("data=folder needs data.path=DIR (a folder of images, or of class sub-folders)")
     root = Path(path).expanduser()
@@ -252,6 +257,7 @@ def load_folder(path: str | Path | None, split: str = "train", image_size: int |
         if split == "test" and not held:
             raise LabError(f"{root} has no test images: set data.test_fraction>0 or add train/ and test/ folders")
         files = [f for i, f in enumerate(files) if (i in held) == (split == "test")]
+    files = files[:limit]
     images = [_read_image(f, image_size, channels) for f, _ in files]
     sizes = sorted({tuple(im.shape) for im in images})
     if len(sizes) > 1:

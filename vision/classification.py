@@ -3,8 +3,9 @@
 Config: `model` (any nn.Module taking in_channels, num_classes, image_size; plus the transfer keys
 `weights`, `freeze`, `arch` of vision/transfer.py), `optimizer`, `scheduler`, `label_smoothing`, and
 `data` (lab/data.py: name or folder path, resize, channels, batch sizes, subset, augmentation).
-Logs train and test loss and accuracy; at every evaluation a confusion matrix (PNG and CSV) and a grid
-of misclassified test images with label and prediction; once, the parameter counts (also in model.txt).
+Logs train and test loss and accuracy; at every evaluation the confusion matrix (CSV; the last one also
+as a PNG) and a grid of misclassified test images with label and prediction; once, the parameter counts
+(also in model.txt with the network's layers).
 """
 
 from __future__ import annotations
@@ -32,11 +33,10 @@ class Classification(Task):
         d = cfg.data
         train, test = data.from_config(d, "train"), data.from_config(d, "test")
         self.classes = train.spec.classes
-        tr_x, tr_y = train.images[: d.get("subset")], train.labels[: d.get("subset")]
-        self.test_x = test.images[: d.get("test_subset")].to(ctx.device)
-        self.test_y = test.labels[: d.get("test_subset")].to(ctx.device)
+        tr_x, tr_y = train.images, train.labels  # data.subset / data.test_subset: already the first N
+        self.test_x, self.test_y = test.images.to(ctx.device), test.labels.to(ctx.device)
         self.normalize = data.normalizer(train.spec.mean, train.spec.std, ctx.device)
-        aug = augment.augmenter(**d.get("augment", {}))
+        aug = augment.from_config(d.get("augment"))
         self.loader = data.TensorLoader(
             tr_x.to(ctx.device), tr_y.to(ctx.device), d.batch_size, seed=ctx.seed, rank=ctx.dist.rank,
             world_size=ctx.dist.world_size, transform=lambda x: self.normalize(aug(x)))
@@ -60,6 +60,7 @@ class Classification(Task):
                 f"{self.model}\n\nparameters: {self.params['model/params']:,} "
                 f"(trainable: {self.params['model/trainable_params']:,})\n")
         self._logged_params = False
+        self.confusion: tuple[int, torch.Tensor] | None = None
 
     def train(self, mode: bool = True) -> Classification:
         super().train(mode)
@@ -102,10 +103,16 @@ class Classification(Task):
         confusion = confusion.view(k, k).cpu()
         if any(len(w[0]) for w in wrong):
             self.ctx.logger.log_image("eval/misclassified", self._grid(*map(torch.cat, zip(*wrong))))
-        self.ctx.logger.log_image("eval/confusion_matrix", self._confusion_figure(confusion))
+        self.confusion = (self.ctx.logger.step, confusion)  # drawn once, for the last evaluation, by close()
         self.ctx.logger.log_table("eval/confusion_matrix", ["label \\ prediction", *self.classes],
                                   [[c, *row] for c, row in zip(self.classes, confusion.tolist())])
         return {"loss": loss / n, "accuracy": confusion.diag().sum().item() / n, "images_per_sec": n / seconds}
+
+    def close(self) -> None:
+        if self.confusion is not None:
+            step, confusion = self.confusion
+            self.ctx.logger.log_image("eval/confusion_matrix", self._confusion_figure(confusion), step=step)
+            self.confusion = None
 
     def _confusion_figure(self, confusion: torch.Tensor):
         """Rows: true class; columns: prediction; colour: share of the row; counts written when few classes."""
@@ -124,7 +131,6 @@ class Classification(Task):
         ax.set_xlabel("prediction")
         ax.set_ylabel("label")
         ax.set_title(f"confusion matrix, test accuracy {acc:.2%}", fontsize=9)
-        fig.tight_layout()
         return fig
 
     def _grid(self, images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor, n: int = 36, cols: int = 6):

@@ -90,13 +90,10 @@ def load_pretrained(model: nn.Module, weights: str, arch: str | None = None) -> 
 
 
 def _align(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict of one child module (`vgg16().features` -> `0.weight`) gets that child's prefix."""
-    if any(k in own for k in state):
-        return state
-    for prefix in dict.fromkeys(k.split(".")[0] + "." for k in own):
-        if all(prefix + k in own for k in state):
-            return {prefix + k: v for k, v in state.items()}
-    return state
+    """A state dict of one child module (`vgg16().features`: `0.weight`) gets the prefix that fits it best."""
+    prefixes = ["", *dict.fromkeys(k.split(".")[0] + "." for k in own)]
+    best = max(prefixes, key=lambda p: sum(p + k in own for k in state))
+    return {best + k: v for k, v in state.items()}
 
 
 def freeze_backbone(model: nn.Module) -> list[nn.Module]:

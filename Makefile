@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export LAB_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 export TORCHINDUCTOR_CACHE_DIR ?= $(abspath .cache/inductor)
 
-.PHONY: install run test bench lint
+.PHONY: install run test bench lint browser
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -17,8 +17,15 @@ $(VENV)/.installed: pyproject.toml
 run: install  ## the main job: the book's deep CNN on MNIST
 	$(PY) -m lab +experiment=mnist_cnn $(ARGS)
 
-test: install
+test: install browser
 	$(PY) -m pytest -q $(ARGS)
+
+browser:  ## headless Chromium for the report-rendering test (Debian's package; skipped where apt is not ours)
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    (apt-get install -y -q chromium >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) ; } || \
+	  echo "no chromium: the report's browser test will be skipped (install Debian's chromium package)"
 
 bench: install
 	$(PY) benchmarks/mnist_cnn.py $(ARGS)

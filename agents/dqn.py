@@ -80,6 +80,7 @@ class QNetwork(nn.Module):
 
 class DQN(Task):
     main_metric = "eval/episode_return"
+    step_metric = "env_steps"
     main_mode = "max"
 
     def __init__(self, cfg: DictConfig, ctx: RunContext):

@@ -216,6 +216,7 @@ class SB3DQN(Task):
     """stable-baselines3's DQN trained and evaluated by the lab (see the module docstring)."""
 
     main_metric = "eval/episode_return"
+    step_metric = "env_steps"
     main_mode = "max"
 
     def __init__(self, cfg: DictConfig, ctx: RunContext):

@@ -14,7 +14,8 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from lab import config as _config  # noqa: F401 - registers the ${ceil_div:...} resolver
@@ -25,6 +26,16 @@ from lab.task import RunContext, Task
 from lab.trainer import Trainer, check_config, resolve_device
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _register_plugins() -> None:
+    """Make Hydra find the lab's sweeper (hydra_plugins/lab_sweeper) in any install mode: Hydra discovers
+    plugins only in the `hydra_plugins` namespace, which an editable install does not extend."""
+    import hydra_plugins
+
+    folder = str(CONF_DIR.parent / "hydra_plugins")
+    if Path(folder).is_dir() and folder not in list(hydra_plugins.__path__):
+        hydra_plugins.__path__.append(folder)
 
 
 def experiments() -> list[str]:
@@ -60,6 +71,7 @@ def run(cfg: DictConfig) -> float | None:
         seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
         if cfg.trainer.get("num_threads"):
             torch.set_num_threads(int(cfg.trainer.num_threads))
+        _sweep_labels(cfg)
         config = OmegaConf.to_container(cfg, resolve=True)
         if info.is_main:  # Hydra's .hydra/config.yaml keeps interpolations; this is what the run used
             io.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(config))
@@ -77,10 +89,15 @@ def run(cfg: DictConfig) -> float | None:
             if not cfg.get("checkpoint"):
                 raise LabError("mode=eval needs checkpoint=PATH (a run's checkpoints/best.pt or last.pt)")
             summary = trainer.evaluate_checkpoint(task, Path(str(cfg.checkpoint)))
+        elif cfg.get("mode", "train") == "generate":
+            if not cfg.get("checkpoint"):
+                raise LabError("mode=generate needs checkpoint=PATH (a run's checkpoints/best.pt or last.pt)")
+            summary = trainer.generate_checkpoint(task, Path(str(cfg.checkpoint)), cfg.get("n", 64))
         elif cfg.get("mode", "train") == "train":
             summary = trainer.fit(task, resume=bool(cfg.resume))
         else:
-            raise LabError(f"mode={cfg.mode!r} is not a mode; use mode=train or mode=eval checkpoint=PATH")
+            raise LabError(f"mode={cfg.mode!r} is not a mode; use mode=train, mode=eval checkpoint=PATH "
+                           "or mode=generate checkpoint=PATH n=N")
     finally:
         if task is not None:
             task.close()
@@ -94,21 +111,44 @@ def run(cfg: DictConfig) -> float | None:
     return summary.get(task.main_metric) if task.main_metric else None
 
 
+def _sweep_labels(cfg: DictConfig) -> None:
+    """Runs of one sweep share a W&B group and carry a "sweep" tag, so its dashboard needs no filtering."""
+    if cfg.logger.get("backend") != "wandb":
+        return
+    tags = list(cfg.logger.get("tags") or [])
+    with open_dict(cfg):
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            cfg.logger.group = f"{cfg.experiment}-{Path(HydraConfig.get().sweep.dir).name}"
+            tags.append("sweep")
+        if os.environ.get("WANDB_SWEEP_ID"):  # a `wandb agent` started this run
+            tags.append("wandb-sweep")
+        cfg.logger.tags = list(dict.fromkeys(tags))
+
+
+FAILED_RUNS: list[str] = []  # multirun jobs that stopped with a LabError (the sweep goes on)
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> float | None:
     try:
         return run(cfg)
-    except LabError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except OmegaConfBaseException as e:  # a missing key or a failed interpolation in the config
-        print(f"error: config: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+    except (LabError, OmegaConfBaseException) as e:  # OmegaConf: a missing key or a failed interpolation
+        msg = str(e) if isinstance(e, LabError) else f"config: {' '.join(str(e).split())}"
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            # One bad run must not end a sweep: its objective is None (Optuna records a failed trial).
+            FAILED_RUNS.append(f"{HydraConfig.get().runtime.output_dir}: {msg}")
+            return None
         sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `python -m lab` and the `lab` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:  # python -m lab report RUN_OR_SWEEP_DIR...
+        from lab import report
+
+        sys.exit(report.main(argv[1:]))
     for arg in argv:
         m = re.fullmatch(r"\+{0,2}experiment=(.*)", arg)
         if m:
@@ -116,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
             if unknown:
                 print(f"error: {_usage(f'Unknown experiment: {unknown[0]!r}.')}", file=sys.stderr)
                 sys.exit(2)
+    _register_plugins()
     info = distributed.from_env()
     scratch = None
     if info.enabled and not info.is_main:
@@ -129,3 +170,6 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
+    if FAILED_RUNS:
+        print(f"error: {len(FAILED_RUNS)} run(s) of the sweep failed:\n  " + "\n  ".join(FAILED_RUNS), file=sys.stderr)
+        sys.exit(2)

@@ -68,8 +68,10 @@ class RunLogger:
         self._file = None
 
     # ---- lifecycle -------------------------------------------------------------------------
-    def start(self, resume_step: int | None = None, run_id: str | None = None) -> None:
-        """Open `metrics.jsonl` (keeping only lines up to `resume_step` on resume) and W&B."""
+    def start(self, resume_step: int | None = None, run_id: str | None = None, step_metric: str = "step",
+              main_metric: str | None = None, main_mode: str = "max") -> None:
+        """Open `metrics.jsonl` (keeping only lines up to `resume_step` on resume) and W&B, whose charts use
+        `step_metric` as their x-axis and whose summary keeps the best `main_metric` (max or min)."""
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -83,6 +85,16 @@ class RunLogger:
         self._file = open(self.metrics_path, "a", buffering=1)
         if self.cfg.get("backend") == "wandb":
             self._start_wandb(run_id)
+        if self.wandb is not None:
+            try:
+                self.wandb.define_metric("step")
+                if step_metric != "step":
+                    self.wandb.define_metric(step_metric)
+                self.wandb.define_metric("*", step_metric=step_metric)
+                if main_metric:
+                    self.wandb.define_metric(main_metric, step_metric=step_metric, summary=main_mode)
+            except Exception as e:  # noqa: BLE001
+                _notice(f"W&B define_metric failed ({e}); charts use W&B's own step.")
 
     def _start_wandb(self, run_id: str | None) -> None:
         import wandb
@@ -109,8 +121,6 @@ class RunLogger:
             _notice("W&B is off for this run; metrics are still in metrics.jsonl.")
             return
         self.run_id = self.wandb.id
-        self.wandb.define_metric("step")
-        self.wandb.define_metric("*", step_metric="step")
 
     def finish(self) -> None:
         if self._file:
@@ -155,6 +165,20 @@ class RunLogger:
                 except Exception:  # noqa: BLE001
                     pass
         return out
+
+    def log_checkpoint(self, path: Path, aliases: list[str]) -> None:
+        """Upload a checkpoint as a W&B model artifact when `logger.log_checkpoints=true` (offline: on `wandb sync`)."""
+        if self.wandb is None or not self.cfg.get("log_checkpoints") or not Path(path).exists():
+            return
+        import wandb
+
+        try:
+            art = wandb.Artifact(f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', str(self.cfg.get('group') or 'run'))}-"
+                                 f"{self.run_id}", type="model", metadata={"file": Path(path).name})
+            art.add_file(str(path))
+            self.wandb.log_artifact(art, aliases=aliases)
+        except Exception as e:  # noqa: BLE001
+            _notice(f"W&B checkpoint artifact skipped ({e}); the file is {path}.")
 
     # ---- media: each is a file in <run_dir>/media and, with W&B on, a W&B media object --------
     def log_image(self, key: str, image: Any, caption: str | None = None, step: int | None = None) -> Path | None:

@@ -49,6 +49,7 @@ class Task(nn.Module):
 
     main_metric: str | None = None  # e.g. "eval/accuracy": chooses best.pt and the sweep objective
     main_mode: str = "max"  # or "min"
+    step_metric: str = "step"  # the x-axis of this task's charts in W&B (an agent's: "env_steps")
 
     def __init__(self, cfg: DictConfig, ctx: RunContext):
         super().__init__()

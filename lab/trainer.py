@@ -224,7 +224,8 @@ class Trainer:
             state = self._restore(task, optim, path)
             counters.update({k: state[k] for k in counters if k in state})
         self._prepare(task)
-        log.start(resume_step=counters["step"] if state else None, run_id=state and state.get("logger_run_id"))
+        log.start(resume_step=counters["step"] if state else None, run_id=state and state.get("logger_run_id"),
+                  step_metric=task.step_metric, main_metric=task.main_metric, main_mode=task.main_mode)
         log.step = counters["step"]
         if state:
             print(f"[lab] resumed from {self.ckpt_dir / 'last.pt'} at step {counters['step']}", flush=True)
@@ -351,8 +352,8 @@ class Trainer:
         self.target_reached = distributed.any_rank(self.target_reached, self.dist, self.device)
         distributed.barrier(self.dist)
 
-    def evaluate_checkpoint(self, task: Task, path: Path) -> dict[str, Any]:
-        """`mode=eval`: load a checkpoint's task state and evaluate it once (an agent plays and records)."""
+    def _load_task(self, task: Task, path: Path) -> dict[str, Any]:
+        """Put a checkpoint's task state into `task` on this run's device (mode=eval, mode=generate)."""
         if not path.is_file():
             raise LabError(f"checkpoint={path} does not exist; pass a run's checkpoints/best.pt or last.pt")
         task.to(self.device)
@@ -360,6 +361,27 @@ class Trainer:
             task.to(memory_format=torch.channels_last)
         state = checkpoint.load(path, map_location=self.device)
         checkpoint.load_state(task, state["task"], "task (model) state", path)
+        return state
+
+    def generate_checkpoint(self, task: Task, path: Path, n: int) -> dict[str, Any]:
+        """`mode=generate`: load a checkpoint's task state and call `task.generate(n)` (new samples, as files)."""
+        if not callable(getattr(task, "generate", None)):
+            raise LabError(f"{type(task).__name__} has no generate(n); mode=generate is for generative tasks "
+                           "(dcgan_*, autoencoder_*, vae_*)")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise LabError(f"n={n!r} must be a positive number of samples")
+        state = self._load_task(task, path)
+        self.logger.start()
+        self.logger.step = int(state.get("step", 0))
+        with torch.no_grad(), self.autocast():
+            task.eval()
+            out = task.generate(n)
+        print("[lab] " + ", ".join(f"{k}={v}" for k, v in out.items()), flush=True)
+        return self.logger.summary({"checkpoint": str(path), "status": "generated", **out})
+
+    def evaluate_checkpoint(self, task: Task, path: Path) -> dict[str, Any]:
+        """`mode=eval`: load a checkpoint's task state and evaluate it once (an agent plays and records)."""
+        state = self._load_task(task, path)
         self.logger.start()
         self.logger.step = int(state.get("step", 0))
         t0 = time.perf_counter()
@@ -376,12 +398,15 @@ class Trainer:
         if self.target_reached:
             status = "target reached"
         extra: dict[str, Any] = {"step": counters["step"], "epoch": counters["epoch"], "status": status,
-                                 "elapsed_s": round(counters["elapsed_s"], 3), "main_metric": task.main_metric}
+                                 "elapsed_s": round(counters["elapsed_s"], 3), "main_metric": task.main_metric,
+                                 "main_mode": task.main_mode}
         if self.best:
             extra[f"best/{self.best['metric']}"] = self.best["value"]
             extra["best/step"] = self.best["step"]
         summary = self.logger.summary(extra)
         if self.dist.is_main:
+            for name, aliases in (("last.pt", ["latest"]), ("best.pt", ["best"])):
+                self.logger.log_checkpoint(self.ckpt_dir / name, aliases)
             from lab.plots import plot_curves
 
             try:

@@ -97,3 +97,33 @@ def test_wandb_failure_falls_back_to_offline_within_the_timeout(tmp_path: Path, 
     log.log({"train/loss": 1.0}, step=1)
     log.finish()
     assert (tmp_path / "metrics.jsonl").read_text().count("train/loss") == 1
+
+
+def test_wandb_charts_use_the_task_step_axis_and_checkpoints_become_artifacts(tmp_path: Path, monkeypatch) -> None:
+    """An agent's charts are against env_steps, the main metric's summary keeps its best value, and
+    `logger.log_checkpoints=true` uploads checkpoints (here: a recording stand-in for the W&B run)."""
+    calls: list[tuple] = []
+
+    class Recorder:
+        id = "abc123"
+
+        def define_metric(self, name, **kw):
+            calls.append(("define_metric", name, kw))
+
+        def log_artifact(self, art, aliases):
+            calls.append(("log_artifact", art.type, [f.path for f in art.manifest.entries.values()], aliases))
+
+    monkeypatch.setattr(RunLogger, "_start_wandb", lambda self, run_id: setattr(self, "wandb", Recorder()))
+    cfg = OmegaConf.create({"backend": "wandb", "group": "dqn_pong", "log_checkpoints": True})
+    log = RunLogger(cfg, tmp_path, {})
+    log.start(step_metric="env_steps", main_metric="eval/episode_return", main_mode="max")
+    log.run_id = log.wandb.id
+    ckpt = tmp_path / "last.pt"
+    torch.save({"w": torch.zeros(2)}, ckpt)
+    log.log_checkpoint(ckpt, ["latest"])
+    log.log_checkpoint(tmp_path / "missing.pt", ["best"])  # nothing to upload: skipped
+    assert ("define_metric", "*", {"step_metric": "env_steps"}) in calls
+    assert ("define_metric", "eval/episode_return", {"step_metric": "env_steps", "summary": "max"}) in calls
+    assert [c for c in calls if c[0] == "log_artifact"] == [("log_artifact", "model", ["last.pt"], ["latest"])]
+    log.wandb = None
+    log.finish()

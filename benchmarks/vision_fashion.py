@@ -140,7 +140,7 @@ def lab_run(experiment: str, seed: int, extra: tuple[str, ...] = (), name: str |
     for f in figures:  # curves, confusion matrix and misclassified grid of the last evaluation
         if f.name.startswith(("curves_", "eval_confusion_matrix_")) or f == max(
                 (g for g in figures if g.name.startswith("eval_misclassified_")), default=None):
-            shutil.copy(f, keep / f.name.rsplit("_", 1)[0].replace("eval_", "") + ".png")
+            shutil.copy(f, keep / (f.name.rsplit("_", 1)[0].replace("eval_", "") + ".png"))
     shutil.rmtree(run_dir, ignore_errors=True)
     return {
         "command": " ".join(["python", *cmd[1:-1]]),

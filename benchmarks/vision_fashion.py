@@ -147,6 +147,8 @@ def lab_run(experiment: str, seed: int, extra: tuple[str, ...] = (), name: str |
         "parameters": params,
         "evaluations": [{"step": r["step"], "test_accuracy": r["eval/accuracy"], "test_loss": round(r["eval/loss"], 4),
                          "elapsed_s": round(r["perf/elapsed_s"], 2)} for r in evals],
+        "train_curve": [{"step": r["step"], "train_loss": round(r["train/loss"], 4),
+                         "train_accuracy": round(r["train/accuracy"], 4)} for r in train],
         "best_test_accuracy": max(r["eval/accuracy"] for r in evals),
         "final_test_accuracy": evals[-1]["eval/accuracy"],
         "final_test_loss": round(evals[-1]["eval/loss"], 4),

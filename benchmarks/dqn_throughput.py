@@ -48,7 +48,7 @@ def lab_args(steps: int, starts: int, envs: int, run_dir: str, extra: list[str])
             *[f"agent.{k}={v}" for k, v in a.items()], *extra]
 
 
-def sb3_worker(steps: int, starts: int, envs: int) -> None:
+def sb3_worker(steps: int, starts: int, envs: int, env_threads: int) -> None:
     """Runs in a child process: SB3's DQN on the lab's env; prints steps/s after learning_starts."""
     import torch
     from omegaconf import OmegaConf
@@ -58,6 +58,7 @@ def sb3_worker(steps: int, starts: int, envs: int) -> None:
     from agents.sb3_dqn import SB3VecEnv, make_same_step_env
 
     env_cfg = OmegaConf.load(REPO / "conf" / "env" / "atari.yaml")
+    env_cfg.num_threads = env_threads
     env = SB3VecEnv(make_same_step_env(env_cfg, envs, 0), clip_rewards=True, life_loss_done=True)
     marks: dict[str, tuple[float, int]] = {}
 
@@ -110,30 +111,34 @@ def main() -> None:
     ap.add_argument("--num-envs", type=int, default=1)
     ap.add_argument("--lab-args", nargs="*", default=LAB_SPEED)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--env-threads", type=int, default=0, help="ALE's C++ threads (0: one per env up to the cores)")
     ap.add_argument("--sb3-worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.num_envs not in (1, 2, 4):
         raise SystemExit("--num-envs must divide the 4 env steps between updates: 1, 2 or 4")
     if a.sb3_worker:
-        return sb3_worker(a.steps, a.learning_starts, a.num_envs)
+        return sb3_worker(a.steps, a.learning_starts, a.num_envs, a.env_threads)
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO),
            "SB3_LOGDIR": tempfile.mkdtemp(prefix="sb3-"),
            "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR", str(REPO / ".cache" / "inductor"))}
     out: dict = {"settings": {**HPARAMS, "total_timesteps": a.steps, "learning_starts": a.learning_starts,
                               "num_envs": a.num_envs, "env": "ALE/Pong-v5 via AtariVectorEnv, frameskip 4, stack 4",
-                              "lab_args": a.lab_args, "repeats": a.repeats}}
+                              "lab_args": a.lab_args, "repeats": a.repeats,
+                              "env_threads": a.env_threads or f"auto ({min(a.num_envs, os.cpu_count() or 1)})"}}
     runs: dict[str, list[dict]] = {"lab_fp32": [], "lab": [], "sb3": []}
     for _ in range(a.repeats):
         for name, extra in (("lab_fp32", ["trainer.precision=32"]), ("lab", a.lab_args)):
             with tempfile.TemporaryDirectory(prefix="dqn-bench-") as tmp:
                 t = time.perf_counter()
-                _, peak = run_child(lab_args(a.steps, a.learning_starts, a.num_envs, tmp, extra), env)
+                _, peak = run_child(lab_args(a.steps, a.learning_starts, a.num_envs, tmp,
+                                             [f"env.num_threads={a.env_threads}", *extra]), env)
                 runs[name].append({**lab_rate(Path(tmp), a.learning_starts), "peak_rss_gb": round(peak, 3),
                                    "process_seconds": round(time.perf_counter() - t, 1)})
             print(name, runs[name][-1], flush=True)
         t = time.perf_counter()
         p, peak = run_child([str(Path(__file__).resolve()), "--sb3-worker", "--steps", str(a.steps),
-                             "--learning-starts", str(a.learning_starts), "--num-envs", str(a.num_envs)], env)
+                             "--learning-starts", str(a.learning_starts), "--num-envs", str(a.num_envs),
+                             "--env-threads", str(a.env_threads)], env)
         runs["sb3"].append({**json.loads(p.stdout.strip().splitlines()[-1]), "peak_rss_gb": round(peak, 3),
                             "process_seconds": round(time.perf_counter() - t, 1)})
         print("sb3", runs["sb3"][-1], flush=True)

@@ -68,7 +68,8 @@ class Task(nn.Module):
         raise NotImplementedError
 
     def evaluate(self) -> dict[str, float]:
-        """Metrics to log under `eval/`; called on rank 0 in eval mode under `torch.no_grad`."""
+        """Metrics to log under `eval/` (a key with a prefix, `perf/...`, is logged as is); called on rank 0
+        in eval mode under `torch.no_grad`."""
         return {}
 
     def close(self) -> None:

@@ -331,7 +331,8 @@ class Trainer:
             with self.unwrapped(task), torch.no_grad(), self.autocast():
                 task.eval()
                 try:
-                    metrics = {f"eval/{k}": v for k, v in task.evaluate().items()}
+                    # plain keys go under eval/; a key with its own prefix (perf/eval_images_per_sec) stays as is
+                    metrics = {k if "/" in k else f"eval/{k}": v for k, v in task.evaluate().items()}
                 finally:
                     task.train()
             metrics["perf/eval_seconds"] = time.perf_counter() - t0
@@ -387,7 +388,7 @@ class Trainer:
         t0 = time.perf_counter()
         with torch.no_grad(), self.autocast():
             task.eval()
-            metrics = {f"eval/{k}": v for k, v in task.evaluate().items()}
+            metrics = {k if "/" in k else f"eval/{k}": v for k, v in task.evaluate().items()}
         metrics.update({"perf/eval_seconds": time.perf_counter() - t0, **task.progress()})
         self.logger.log(metrics)
         print("[lab] " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))),

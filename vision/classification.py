@@ -10,8 +10,6 @@ as a PNG) and a grid of misclassified test images with label and prediction; onc
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -59,7 +57,6 @@ class Classification(Task):
             (ctx.run_dir / "model.txt").write_text(
                 f"{self.model}\n\nparameters: {self.params['model/params']:,} "
                 f"(trainable: {self.params['model/trainable_params']:,})\n")
-        self._logged_params = False
         self.confusion: tuple[int, torch.Tensor] | None = None
 
     def train(self, mode: bool = True) -> Classification:
@@ -83,10 +80,8 @@ class Classification(Task):
         return {"loss": loss, "accuracy": (logits.argmax(1) == y).float().mean()}
 
     def evaluate(self) -> dict:
-        if not self._logged_params:
+        if "model/params" not in self.ctx.logger.last:  # once per run, a resumed one included
             self.ctx.logger.log(self.params)
-            self._logged_params = True
-        t0 = time.perf_counter()
         k = len(self.classes)
         loss, confusion, wrong = 0.0, torch.zeros(k * k, dtype=torch.int64, device=self.test_y.device), []
         for i in range(0, len(self.test_x), self.eval_batch_size):
@@ -99,14 +94,13 @@ class Classification(Task):
                 miss = (pred != y).nonzero().flatten()
                 wrong.append((x[miss].cpu(), y[miss].cpu(), pred[miss].cpu()))
         n = len(self.test_x)
-        seconds = time.perf_counter() - t0
         confusion = confusion.view(k, k).cpu()
         if any(len(w[0]) for w in wrong):
             self.ctx.logger.log_image("eval/misclassified", self._grid(*map(torch.cat, zip(*wrong))))
         self.confusion = (self.ctx.logger.step, confusion)  # drawn once, for the last evaluation, by close()
         self.ctx.logger.log_table("eval/confusion_matrix", ["label \\ prediction", *self.classes],
                                   [[c, *row] for c, row in zip(self.classes, confusion.tolist())])
-        return {"loss": loss / n, "accuracy": confusion.diag().sum().item() / n, "images_per_sec": n / seconds}
+        return {"loss": loss / n, "accuracy": confusion.diag().sum().item() / n}
 
     def close(self) -> None:
         if self.confusion is not None:

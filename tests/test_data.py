@@ -185,3 +185,27 @@ def test_resize_and_channels_for_builtin_sets() -> None:
     assert (test.images.float().mean() - plain.images.float().mean()).abs() < 1.0  # same content, resized
     with pytest.raises(LabError, match="one per channel"):
         data.from_config({**cfg, "mean": [0.5]}, "test")
+
+
+def test_every_augmentation_keeps_labels_and_shapes() -> None:
+    labels = torch.arange(10).repeat(5)
+    codes = (labels * 20 + 30).to(torch.uint8)  # each image one flat grey level that names its label
+    images = codes.view(-1, 1, 1, 1).expand(-1, 3, 28, 28).contiguous()
+    geometric = augment.from_config({"crop_padding": 2, "hflip": 0.5, "rotate": 10, "translate": 0.05, "scale": 0.1})
+    torch.manual_seed(0)
+    plain = data.TensorLoader(images, labels, 10, seed=1)
+    moved = data.TensorLoader(images, labels, 10, seed=1, transform=geometric)
+    changed = 0
+    for (x0, y0), (x, y) in zip(plain, moved):
+        assert x.shape == (10, 3, 28, 28) and torch.equal(y, y0)  # same labels in the same order
+        assert torch.allclose(x[:, :, 14, 14], x0[:, :, 14, 14].float(), atol=1e-3)  # the centre keeps its level
+        changed += int((x != x0.float()).any(dim=(1, 2, 3)).sum())
+    assert changed > 0  # borders moved: the warps and crops did something
+    bright = augment.from_config({"brightness": 0.2})(images.float())
+    factor = bright[:, 0, 0, 0] / images[:, 0, 0, 0].float()
+    assert ((factor >= 0.8 - 1e-4) & (factor <= 1.2 + 1e-4)).all() and factor.std() > 0
+    assert torch.allclose(bright, images.float() * factor.view(-1, 1, 1, 1))  # one factor per image
+    with pytest.raises(LabError, match="data.augment.blur is not an augmentation"):
+        augment.from_config({"blur": 1})
+    with pytest.raises(LabError, match="hflip=1.5 must be between 0 and 1"):
+        augment.from_config({"hflip": 1.5})

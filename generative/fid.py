@@ -122,17 +122,26 @@ def train_classifier(net: nn.Module, x: torch.Tensor, y: torch.Tensor, normalize
         order = torch.randperm(len(x), generator=g).to(x.device)
         for i in range(steps_per_epoch):
             idx = order[i * cfg.batch_size: (i + 1) * cfg.batch_size]
-            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            # No autocast weight cache: inside the trainer's bf16 evaluation the outer autocast never exits,
+            # so cached bf16 copies of the weights would stay those of the first step.
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, cache_enabled=False):
                 loss = F.cross_entropy(net(normalize(x[idx].float() / 255)).float(), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            with torch.autocast(x.device.type, enabled=False):  # backward and step outside autocast
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
     net.eval()
 
 
 @torch.no_grad()
 def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, normalize: Callable, batch: int = 1000) -> float:
+    """Test accuracy in float32, like the features (an enclosing autocast may hold stale bf16 weight copies)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _accuracy(net, x, y, normalize, batch)
+
+
+def _accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, normalize: Callable, batch: int) -> float:
     correct = sum((net(normalize(x[i: i + batch].float() / 255)).argmax(1) == y[i: i + batch]).sum().item()
                   for i in range(0, len(x), batch))
     return correct / len(x)

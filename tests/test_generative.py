@@ -184,8 +184,9 @@ def test_fid_is_about_zero_for_two_halves_of_the_test_set_and_large_for_noise(tm
                             "lr": 6e-3, "cache_dir": str(tmp_path)})
     perm = torch.randperm(10_000, generator=torch.Generator().manual_seed(0))  # MNIST's test halves differ: mix
     halves, labels = test.images[perm].split(5000), test.labels[perm][:5000]
-    fid = FID(cfg, {"name": "mnist"}, train.images[:5000], train.labels[:5000], halves[0], labels,
-              (0.1307,), (0.3081,), torch.device("cpu"))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # as inside the trainer's evaluation
+        fid = FID(cfg, {"name": "mnist"}, train.images[:5000], train.labels[:5000], halves[0], labels,
+                  (0.1307,), (0.3081,), torch.device("cpu"))
     assert fid.accuracy > 0.8
     other = iter((halves[1].float() / 255).split(500))
     same = fid(lambda n: next(other))

@@ -17,7 +17,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,14 +32,14 @@ def main() -> None:
     ap.add_argument("--lab-args", nargs="*", default=[])
     args = ap.parse_args()
     os.environ.setdefault("LAB_DATA_DIR", str(REPO.parent / "shared" / "data"))
-    run_dir = Path(tempfile.mkdtemp(prefix="lab-bench-vae-"))
+    run_dir = REPO / "outputs" / "benchmarks" / "vae_mnist"  # kept: its reconstructions, samples, latent space
+    shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "lab", "+experiment=vae_mnist", "logger=none", "trainer.progress=false",
            f"trainer.max_epochs={args.epochs}", f"hydra.run.dir={run_dir}", *args.lab_args]
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, check=True)
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    shutil.rmtree(run_dir, ignore_errors=True)
     evals = [r for r in rows if "eval/loss" in r]
     train = [r for r in rows if "perf/samples_per_sec" in r]
     last = evals[-1]
@@ -52,7 +51,7 @@ def main() -> None:
         "probe_accuracy_codes": round(last["eval/probe_accuracy_codes"], 4),
         "probe_accuracy_pixels": round(last["eval/probe_accuracy_pixels"], 4),
         "train_images_per_sec": round(sum(r["perf/samples_per_sec"] for r in train[1:]) / max(1, len(train) - 1), 1),
-        "process_wall_s": round(wall, 1),
+        "process_wall_s": round(wall, 1), "run_dir": str(run_dir.relative_to(REPO)),
         "reference": "pytorch/examples vae (MLP 784-400-20, same loss): about 105 after 10 epochs",
     }
     print(json.dumps({k: figures[k] for k in ("test_negative_elbo", "probe_accuracy_codes", "probe_accuracy_pixels")}))

@@ -86,20 +86,23 @@ class Normalization(nn.Module):
 
 
 def get_style_model_and_losses(cnn: nn.Sequential, style_img: torch.Tensor, content_img: torch.Tensor):
-    """The tutorial's model builder, with Gatys' layer names (relu4_2, ...) instead of its conv_4."""
+    """The tutorial's model builder, with Gatys' layer names (relu4_2, ...) instead of its conv_4, and the
+    targets computed by the VGG layers alone (the tutorial's images are square and equal in size)."""
     model = nn.Sequential(Normalization(IMAGENET_MEAN, IMAGENET_STD))
+    plain = nn.Sequential(model[0])  # targets from the layers alone: the style image has another shape
     content_losses, style_losses = [], []
     for layer, name in zip(cnn.children(), layer_names(cnn)):
         if isinstance(layer, nn.ReLU):
             layer = nn.ReLU(inplace=False)
         model.add_module(name, layer)
+        plain.add_module(name, layer)
         if name in CONTENT_LAYERS:
-            target = model(content_img).detach()
+            target = plain(content_img).detach()
             content_loss = ContentLoss(target)
             model.add_module(f"content_loss_{name}", content_loss)
             content_losses.append(content_loss)
         if name in STYLE_LAYERS:
-            target_feature = model(style_img).detach()
+            target_feature = plain(style_img).detach()
             style_loss = StyleLoss(target_feature)
             model.add_module(f"style_loss_{name}", style_loss)
             style_losses.append(style_loss)

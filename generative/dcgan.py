@@ -194,7 +194,7 @@ def save_png(path: Path, image: np.ndarray) -> None:
     """Write a PNG atomically (HW or HWC uint8)."""
     from PIL import Image
 
-    io._atomic(path, lambda f: Image.fromarray(image).save(f, format="PNG"), "wb")
+    io.write_atomic(path, lambda f: Image.fromarray(image).save(f, format="PNG"), "wb")
 
 
 def save_animation(path: Path, frames: list[Path], fps: int) -> None:
@@ -202,5 +202,5 @@ def save_animation(path: Path, frames: list[Path], fps: int) -> None:
     from PIL import Image
 
     images = [Image.open(f).convert("RGB") for f in frames]
-    io._atomic(path, lambda f: images[0].save(f, format="GIF", save_all=True, append_images=images[1:],
+    io.write_atomic(path, lambda f: images[0].save(f, format="GIF", save_all=True, append_images=images[1:],
                                               duration=int(1000 / fps), loop=0), "wb")

@@ -12,11 +12,23 @@ from typing import Any
 import torch
 
 
-def _atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> None:
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once, at import: os.umask can only be read by setting it
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Call `write(file)` on a temporary file next to `path`, then rename it over `path`. The file gets
+    the usual permissions (0666 less the umask), not mkstemp's private 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -29,13 +41,13 @@ def _atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str) ->
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write `obj` as indented JSON, atomically."""
-    _atomic(path, lambda f: f.write(json.dumps(obj, indent=2, default=str) + "\n"), "w")
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2, default=str) + "\n"), "w")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    _atomic(path, lambda f: f.write(text), "w")
+    write_atomic(path, lambda f: f.write(text), "w")
 
 
 def torch_save(path: str | os.PathLike, obj: Any) -> None:
     """`torch.save`, atomically: an interrupted save never replaces a good file."""
-    _atomic(path, lambda f: torch.save(obj, f), "wb")
+    write_atomic(path, lambda f: torch.save(obj, f), "wb")

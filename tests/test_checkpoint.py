@@ -55,3 +55,16 @@ def test_rng_state_round_trip_through_a_file(tmp_path: Path) -> None:
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     checkpoint.set_rng_state(checkpoint.load(tmp_path / "c.pt")["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_atomic_writes_get_the_usual_file_permissions(tmp_path: Path) -> None:
+    import stat
+
+    from lab import io as lab_io
+
+    lab_io.write_json(tmp_path / "summary.json", {"a": 1})
+    lab_io.write_atomic(tmp_path / "x.bin", lambda f: f.write(b"\0"))
+    for name in ("summary.json", "x.bin"):
+        mode = stat.S_IMODE((tmp_path / name).stat().st_mode)
+        assert mode == 0o666 & ~lab_io._UMASK, oct(mode)  # not mkstemp's owner-only 0600
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from generative.dcgan import save_png
+from lab import checkpoint
 from lab.errors import LabError
 from lab.logger import to_uint8_hwc
 from lab.task import RunContext, Task
@@ -94,13 +95,7 @@ def load_vgg(cfg: DictConfig) -> nn.Sequential:
                            f"state dict (e.g. model.arch=vgg16 model.weights=.../vgg16_hed_features.pth)") from None
         finally:
             socket.setdefaulttimeout(previous)
-    path = Path(str(weights)).expanduser()
-    if not path.is_file():
-        raise LabError(f"model.weights={weights} does not exist; pass a torchvision {arch} state dict file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise LabError(f"model.weights={weights} is not a readable state dict ({str(e)[:120]})") from None
+    state = checkpoint.load_weights(str(weights))
     features = getattr(torchvision.models, arch)(weights=None).features
     if any(k.startswith("features.") for k in state):  # a whole VGG's state dict: keep its features
         state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}

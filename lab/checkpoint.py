@@ -44,6 +44,23 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     return state
 
 
+def load_weights(path: str | Path, option: str = "model.weights") -> dict[str, torch.Tensor]:
+    """A torchvision-format state dict (name -> tensor) from a file, read without executing code from it
+    (`{"state_dict": ...}` wrappers unwrapped); problems raise one-line `LabError`s naming `option`."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise LabError(f"{option}={path} does not exist (not a file); pass a torchvision-format state dict (.pth)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable or unsafe file
+        raise LabError(f"{path} is not a loadable state dict ({' '.join(str(e).split())[:160]})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise LabError(f"{path} is not a state dict (name -> tensor); save one with torch.save(m.state_dict())")
+    return state
+
+
 def load_state(target: Any, state: dict[str, Any], what: str, path: str | Path) -> None:
     """`target.load_state_dict(state)`, turning a mismatch into a `LabError` that says what differs."""
     try:

@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from lab import checkpoint
 from lab.errors import LabError
 
 HEADS = ("fc", "classifier")
@@ -58,18 +59,7 @@ def load_pretrained(model: nn.Module, weights: str, arch: str | None = None) -> 
             raise LabError("model.weights=torchvision needs model.arch (e.g. resnet18, vgg16)")
         state, source = torchvision_state(arch), f"torchvision's {arch}"
     else:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise LabError(f"model.weights={weights} is not a file; pass a state dict (.pth) or torchvision")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise LabError(f"{path} is not a loadable state dict ({' '.join(str(e).split())[:160]})") from None
-        source = str(path)
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise LabError(f"{source} is not a state dict (name -> tensor); save one with torch.save(m.state_dict())")
+        state, source = checkpoint.load_weights(weights), str(Path(weights).expanduser())
     own = model.state_dict()
     head = head_name(model)
     state = {k: v for k, v in _align(state, own).items() if k.split(".")[0] != head}

@@ -155,7 +155,7 @@ class DCGAN(Task):
             test = data.from_config(self.cfg.data, "test")
             n = self.cfg.data.get("test_subset")
             self.fid = FID(self.cfg.fid, self.cfg.data, self.train_x, self.train_y, test.images[:n], test.labels[:n],
-                           self.spec.mean, self.spec.std, self.ctx.device, self.ctx.seed)
+                           self.spec.mean, self.spec.std, self.ctx.device)
         fid = self.fid(self.sample)
         return {"fid": fid, "fid_classifier_accuracy": self.fid.accuracy}
 

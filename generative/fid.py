@@ -61,9 +61,9 @@ class FID:
     first `n_real` test images. Images are uint8 (N, C, H, W) for the data and [0, 1] floats from `generate`."""
 
     def __init__(self, cfg: Any, data_cfg: Any, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
-                 test_y: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
-                 seed: int = 0):
+                 test_y: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
         self.cfg, self.device = cfg, device
+        seed = int(cfg.get("seed", 0))  # the metric's own seed, not the run's: runs of any seed share one ruler
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         _, c, size, _ = train_x.shape

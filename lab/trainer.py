@@ -98,6 +98,10 @@ class Optimizers:
             self.scaler.step(opt)
         else:
             opt.step()
+        # Autocast keeps the low-precision copy of each weight until the outermost autocast exits, which is
+        # after the whole training_step: drop the copies, or a later forward (a GAN's generator step through
+        # D, an agent acting after an update) would run on the weights from before this step.
+        torch.clear_autocast_cache()
         if sched is not None:
             sched.step()
 

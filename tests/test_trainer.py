@@ -14,7 +14,7 @@ from lab.distributed import DistInfo
 from lab.errors import LabError
 from lab.logger import RunLogger
 from lab.task import RunContext, Task
-from lab.trainer import Trainer, check_config, resolve_device
+from lab.trainer import Optimizers, Trainer, check_config, resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,6 +90,24 @@ def test_each_precision_trains(tmp_path: Path, precision: str) -> None:
     assert torch.isfinite(torch.tensor(summary["train/g_loss"]))
     assert all(not torch.equal(a, b) for a, b in zip(before, task.parameters()))
     assert summary["train/grad_norm_gen"] > 0  # clipping measured the norm (after unscaling, for fp16)
+
+
+def test_a_forward_after_a_step_sees_the_updated_weights(tmp_path: Path) -> None:
+    """Autocast caches the low-precision copy of each weight until the outermost autocast exits, and the
+    trainer's wraps a whole training_step: a GAN's generator step must go through the updated
+    discriminator, and an agent acting after an update must act with the new weights."""
+    trainer, _ = make_trainer(tmp_path, precision="bf16", grad_clip=None, max_steps=1)
+    torch.manual_seed(0)
+    net, x = nn.Linear(4, 4), torch.randn(8, 4)
+    optim = Optimizers({"net": torch.optim.SGD(net.parameters(), lr=0.5)}, torch.device("cpu"), "bf16", None)
+    with trainer.autocast():
+        before_step = net(x)
+        optim.step("net", before_step.pow(2).mean())
+        after_step = net(x)
+    with trainer.autocast():
+        fresh = net(x)
+    assert not torch.allclose(before_step, fresh)
+    torch.testing.assert_close(after_step, fresh, rtol=0, atol=0)
 
 
 def test_unknown_optimizer_name_is_a_clear_error(tmp_path: Path) -> None:

@@ -5,11 +5,12 @@ Every hyperparameter is in the experiment's yaml (`agent:` and `env:`); conf/exp
 is the fast recipe, dqn_pong_nature.yaml the classic one. One trainer step is one iteration:
 
     for train_frequency / num_envs vector steps:        # acting: epsilon-greedy, all envs at once
-        send the actions to the envs (they step in C++ threads while ...)
-        ... gradient steps spread over the iteration:   # learning, overlapped with acting
+        gradient steps spread over the iteration:       # learning
             sample (obs, a, n-step return, discount, next_obs) from the replay buffer
             target = return + discount * Q_target(next_obs, argmax_a Q(next_obs))   # Double DQN
-            loss = huber(Q(obs, a), target);  optim.step("q", loss)
+            loss = huber(Q(obs, a), target)             # the first forward also gives the greedy actions
+        send the actions to the envs (they step in C++ threads during ...)
+        ... optim.step("q", loss)                       # ... the backward pass and the update
         receive the envs' step, store it in the replay buffer
     every target_update_interval env steps: Q_target <- tau * Q + (1 - tau) * Q_target
 
@@ -65,8 +66,9 @@ class QNetwork(nn.Module):
         self.value = nn.Sequential(nn.Linear(width, last), nn.ReLU(), nn.Linear(last, 1)) if dueling else None
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        if self.pixels:
-            x = obs.float() / 255.0
+        if self.pixels:  # uint8 frames straight to the compute dtype (bf16 under bf16 autocast): one pass, not three
+            low = torch.is_autocast_enabled(obs.device.type)
+            x = obs.to(torch.get_autocast_dtype(obs.device.type) if low else torch.float32).mul_(1 / 255)
             if self.torso[0].weight.is_contiguous(memory_format=torch.channels_last):
                 x = x.contiguous(memory_format=torch.channels_last)
         else:
@@ -150,11 +152,22 @@ class DQN(Task):
         out: dict[str, Any] = {"epsilon": eps}
         losses, qs, returns, lengths = [], [], [], []
         for i in range(vector_steps):
-            actions = self.act(self.obs, eps)
-            self._send(actions)
-            for _ in range(updates * (i + 1) // vector_steps - updates * i // vector_steps):
-                loss, q = self.learn(optim)
-                losses.append(loss)
+            k = updates * (i + 1) // vector_steps - updates * i // vector_steps  # updates during this vector step
+            explore, actions = self.explore(n, eps)
+            act_obs = None if explore.all() else self.obs
+            if k:  # the first update's forward pass also gives the greedy actions: one forward instead of two
+                loss, q, greedy = self.td_loss(act_obs)
+            else:
+                greedy = None if act_obs is None else self.greedy(act_obs)
+            if greedy is not None:
+                actions = np.where(explore, actions, greedy)
+            self._send(actions)  # AtariVectorEnv steps in its C++ threads during the backward passes
+            for j in range(k):
+                if j:
+                    loss, q, _ = self.td_loss()
+                optim.step("q", loss)
+                self.updates += 1
+                losses.append(loss.detach())
                 qs.append(q)
             obs, reward, term, trunc, info = self._recv(actions)
             real = ~self.tracker.resetting
@@ -187,19 +200,23 @@ class DQN(Task):
         return self.evaluator(lambda obs: self.act(obs, float(self.a.eval_epsilon)))
 
     # ---- acting and learning ------------------------------------------------------------------------
+    def explore(self, n: int, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
+        """Which of n envs explore this step (probability epsilon), and a random action for each env."""
+        return self.rng.random(n) < epsilon, self.rng.integers(0, self.n_actions, n)
+
     @torch.no_grad()
+    def greedy(self, obs: np.ndarray) -> np.ndarray:
+        device = next(self.q.parameters()).device
+        return self.q(torch.as_tensor(obs, device=device)).argmax(1).cpu().numpy()
+
     def act(self, obs: np.ndarray, epsilon: float) -> np.ndarray:
         """Epsilon-greedy actions for a batch of observations (no forward pass when all are random)."""
-        n = obs.shape[0]
-        explore = self.rng.random(n) < epsilon
-        actions = self.rng.integers(0, self.n_actions, n)
-        if not explore.all():
-            device = next(self.q.parameters()).device
-            greedy = self.q(torch.as_tensor(obs, device=device)).argmax(1).cpu().numpy()
-            actions = np.where(explore, actions, greedy)
-        return actions
+        explore, actions = self.explore(obs.shape[0], epsilon)
+        return actions if explore.all() else np.where(explore, actions, self.greedy(obs))
 
-    def learn(self, optim: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def td_loss(self, act_obs: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
+        """The TD loss on a sampled batch, its mean Q, and the greedy actions for `act_obs` (current
+        observations appended to the batch's forward pass; their rows carry no loss)."""
         a = self.a
         device = next(self.q.parameters()).device
         b = {k: v.to(device, non_blocking=True) for k, v in
@@ -212,11 +229,12 @@ class DQN(Task):
             else:
                 next_v = next_q.max(1).values
             target = b["returns"] + b["discounts"] * next_v
-        q = self.q(b["obs"]).float().gather(1, b["actions"][:, None]).squeeze(1)
+        obs = b["obs"] if act_obs is None else torch.cat([b["obs"], torch.as_tensor(act_obs, device=device)])
+        q_all = self.q(obs).float()
+        greedy = None if act_obs is None else q_all[a.batch_size:].detach().argmax(1).cpu().numpy()
+        q = q_all[: a.batch_size].gather(1, b["actions"][:, None]).squeeze(1)
         loss = F.smooth_l1_loss(q, target) if a.loss == "huber" else F.mse_loss(q, target)
-        optim.step("q", loss)
-        self.updates += 1
-        return loss.detach(), q.detach().mean()
+        return loss, q.detach().mean(), greedy
 
     def _send(self, actions: np.ndarray) -> None:
         if hasattr(self.env, "send"):  # AtariVectorEnv: the C++ threads step while we learn

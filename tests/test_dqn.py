@@ -77,3 +77,43 @@ def test_bad_agent_settings_are_refused(tmp_path: Path) -> None:
         r = run_lab(tmp_path, *QUIET, *args)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-2000:])
         assert "Traceback" not in r.stderr
+
+
+def test_the_update_forward_also_acts_and_frames_scale_in_the_compute_dtype(tmp_path: Path) -> None:
+    """td_loss(obs) gives the loss of td_loss() plus the greedy actions for obs, from one forward pass;
+    uint8 frames go straight to the autocast dtype with the same values as `obs.float() / 255`."""
+    from omegaconf import OmegaConf
+
+    from agents.dqn import DQN
+    from lab.distributed import DistInfo
+    from lab.logger import RunLogger
+    from lab.task import RunContext
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    overrides = ["agent.num_envs=2", "agent.buffer_size=400", "agent.learning_starts=10000", "agent.batch_size=8",
+                 "agent.eval_episodes=1", "mode=train"]
+    cfg = OmegaConf.merge(OmegaConf.load(conf / "agent" / "dqn.yaml"),
+                          {"env": OmegaConf.load(conf / "env" / "atari.yaml")},
+                          OmegaConf.load(conf / "experiment" / "dqn_pong_nature.yaml"),
+                          OmegaConf.from_dotlist(overrides))
+    torch.set_num_threads(1)
+    logger = RunLogger(OmegaConf.create({"backend": "none"}), tmp_path, {})
+    task = DQN(cfg, RunContext(torch.device("cpu"), DistInfo(), logger, tmp_path, 0))
+    for _ in range(40):  # 160 env steps, all random (epsilon 1): fills the buffer, no updates
+        task.training_step(None, None)
+    state = task.generator.get_state()
+    loss, q, greedy = task.td_loss(task.obs)
+    task.generator.set_state(state)
+    loss_alone, q_alone, none = task.td_loss()
+    assert none is None and greedy.shape == (2,)
+    torch.testing.assert_close(loss, loss_alone)
+    torch.testing.assert_close(q, q_alone)
+    assert (greedy == task.greedy(task.obs)).all()
+
+    obs = torch.as_tensor(task.obs)
+    reference = task.q.advantage(task.q.torso(obs.float() / 255.0))
+    with torch.no_grad():
+        torch.testing.assert_close(task.q(obs), reference)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(task.q(obs), task.q.advantage(task.q.torso(obs.float() / 255.0)))
+    task.close()

@@ -13,7 +13,7 @@ fp32 (like for like) and with its CPU speed setting, bf16 autocast (this CPU has
 replaces the latter (e.g. `trainer.precision=bf16 trainer.compile=true`). The three runs repeat
 `--repeats` times, interleaved, and the median of each is reported. Run it on an otherwise idle
 machine: 2 cores shared with another torch process slow both several-fold.
-Writes benchmarks/results/dqn_throughput.json.
+Writes benchmarks/results/dqn_throughput.json (dqn_throughput_envs<N>.json with --num-envs N > 1).
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def main() -> None:
     print(f"speed-up {out['speedup']}x (lab fp32: {out['speedup_fp32']}x)", flush=True)
     out["note"] = ("SB3 allocates its replay buffer lazily (numpy) and the lab eagerly (torch.zeros), so peak RSS "
                    "compares processes, not buffers: see benchmarks/results/replay_memory.json for buffers")
-    record.write("dqn_throughput", out)
+    record.write("dqn_throughput" if a.num_envs == 1 else f"dqn_throughput_envs{a.num_envs}", out)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,8 @@ class QNetwork(nn.Module):
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         if self.pixels:  # uint8 frames straight to the compute dtype (bf16 under bf16 autocast): one pass, not three
             low = torch.is_autocast_enabled(obs.device.type)
-            x = obs.to(torch.get_autocast_dtype(obs.device.type) if low else torch.float32).mul_(1 / 255)
+            dtype = torch.get_autocast_dtype(obs.device.type) if low else torch.float32
+            x = obs.to(dtype, copy=True).mul_(1 / 255)  # copy: never scale the caller's (float) frames in place
             if self.torso[0].weight.is_contiguous(memory_format=torch.channels_last):
                 x = x.contiguous(memory_format=torch.channels_last)
         else:

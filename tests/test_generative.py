@@ -196,3 +196,7 @@ def test_fid_is_about_zero_for_two_halves_of_the_test_set_and_large_for_noise(tm
     again = FID(cfg, {"name": "mnist"}, train.images[:5000], train.labels[:5000], halves[0], labels,
                 (0.1307,), (0.3081,), torch.device("cpu"))
     assert again.accuracy == fid.accuracy
+    reseeded = FID(OmegaConf.merge(cfg, {"seed": 1}), {"name": "mnist"}, train.images[:5000], train.labels[:5000],
+                   halves[0], labels, (0.1307,), (0.3081,), torch.device("cpu"))
+    assert len(list(tmp_path.glob("mnist_28px_*.pt"))) == 2  # fid.seed, not the run's seed, keys the classifier
+    assert reseeded.accuracy > 0.8

@@ -98,15 +98,12 @@ def lab_threads(extra: list[str]) -> int:
 def lab_run(seed: int, eval_every: int, extra: list[str]) -> dict[str, Any]:
     """One `python -m lab +experiment=dqn_cartpole` run in a subprocess; figures from its metrics.jsonl."""
     run_dir = Path(tempfile.mkdtemp(prefix="lab-cartpole-"))
-    cmd = [sys.executable, "-m", "lab", "+experiment=dqn_cartpole", "logger=none", "trainer.progress=false",
-           f"hydra.run.dir={run_dir}", f"seed={seed}", f"agent.eval_every={eval_every}", "agent.video=false", *extra]
+    cmd = ["+experiment=dqn_cartpole", "logger=none", "trainer.progress=false", f"seed={seed}",
+           f"agent.eval_every={eval_every}", "agent.video=false", *extra]
     threads = lab_threads(extra)
     watch = CpuWatch(threads)
-    t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-    wall = time.perf_counter() - t0
+    rows, wall = record.run_lab(cmd, run_dir, stdout=subprocess.DEVNULL)
     cpu = watch.stop()
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(run_dir, ignore_errors=True)
     evals, eval_s = [], 0.0
     for r in rows:
@@ -119,7 +116,7 @@ def lab_run(seed: int, eval_every: int, extra: list[str]) -> dict[str, Any]:
     final = rows[-1] if "perf/elapsed_s" in rows[-1] else evals[-1]
     hit = first_hit(evals)
     return {
-        "seed": seed, "command": " ".join(cmd[1:]), "evaluations": evals,
+        "seed": seed, "command": " ".join(["-m", "lab", *cmd]), "evaluations": evals,
         "steps_to_475": hit and hit["env_steps"], "seconds_to_475": hit and hit["train_s"],
         "final_eval_return": evals[-1]["eval_return"], "env_steps": evals[-1]["env_steps"],
         "train_s": evals[-1]["train_s"], "eval_s_total": round(eval_s, 2),

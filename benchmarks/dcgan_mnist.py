@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -138,18 +137,15 @@ def plain_loop(root: Path, epochs: int, workers: int, seed: int, fid: FID) -> di
 def lab_run(epochs: int, cache: Path, extra: list[str], name: str) -> tuple[dict, dict]:
     run_dir = REPO / "outputs" / "benchmarks" / name  # kept: its sample grids and samples.gif
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, "-m", "lab", "+experiment=dcgan_mnist", "logger=none", "trainer.progress=false",
-           f"trainer.max_epochs={epochs}", f"fid.cache_dir={cache}", f"hydra.run.dir={run_dir}", *extra]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, check=True)
-    wall = time.perf_counter() - t0
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    cmd = ["+experiment=dcgan_mnist", "logger=none", "trainer.progress=false", f"trainer.max_epochs={epochs}",
+           f"fid.cache_dir={cache}", *extra]
+    rows, wall = record.run_lab(cmd, run_dir)
     evals = [r for r in rows if "eval/fid" in r]
     train = [r for r in rows if "perf/samples_per_sec" in r]
     config = OmegaConf.load(run_dir / "config.yaml")
     # Throughput: the logging windows after the first (which includes warm-up), as benchmarks/mnist_cnn.py does.
     rate = sum(r["perf/samples_per_sec"] for r in train[1:]) / max(1, len(train) - 1)
-    return {"command": " ".join(cmd[1:]),
+    return {"command": " ".join(["-m", "lab", *cmd]),
             "per_epoch": [{"epoch": i + 1, "fid": round(r["eval/fid"], 3), "step": r["step"]}
                           for i, r in enumerate(evals)],
             "final_fid": round(evals[-1]["eval/fid"], 3), "images_per_sec": round(rate, 1),

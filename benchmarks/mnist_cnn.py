@@ -21,7 +21,6 @@ import gzip
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -93,12 +92,8 @@ def plain_loop(root: Path, epochs: int, seed: int) -> dict:
 
 def lab_run(extra: list[str]) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="lab-bench-"))
-    cmd = [sys.executable, "-m", "lab", "+experiment=mnist_cnn", "logger=none", "trainer.progress=false",
-           f"hydra.run.dir={run_dir}", *extra]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, check=True)
-    wall = time.perf_counter() - t0
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    cmd = ["+experiment=mnist_cnn", "logger=none", "trainer.progress=false", *extra]
+    rows, wall = record.run_lab(cmd, run_dir)
     evals = [r for r in rows if "eval/accuracy" in r]
     train = [r for r in rows if "perf/samples_per_sec" in r]
     per_epoch, steps_per_epoch = [], round(train[0]["step"] / train[0]["train/epoch"])  # from the run's own log
@@ -110,7 +105,7 @@ def lab_run(extra: list[str]) -> dict:
     hit_epoch = next((e for e in per_epoch if e["test_accuracy"] >= TARGET), None)
     shutil.rmtree(run_dir, ignore_errors=True)
     return {
-        "command": " ".join(cmd[1:]),
+        "command": " ".join(["-m", "lab", *cmd]),
         "evaluations": [{"step": r["step"], "test_accuracy": r["eval/accuracy"],
                          "elapsed_s": round(r["perf/elapsed_s"], 2)} for r in evals],
         "per_epoch": per_epoch,

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -150,19 +149,16 @@ def lab_run(args, extra: list[str], name: str) -> tuple[dict, torch.Tensor]:
     run_dir = REPO / "outputs" / "benchmarks" / f"neural_style_{name}"  # kept: stylized.png and the progression
     shutil.rmtree(run_dir, ignore_errors=True)
     images = args.data / "images"
-    cmd = [sys.executable, "-m", "lab", "+experiment=neural_style", "logger=none", "trainer.progress=false",
+    cmd = ["+experiment=neural_style", "logger=none", "trainer.progress=false",
            f"style.content={images / 'chelsea.png'}", f"style.style={images / 'scream.jpg'}",
            f"style.size={args.size}", f"style.steps={args.steps}", f"model.arch={args.arch}",
-           f"model.weights={args.weights}", f"hydra.run.dir={run_dir}", *extra]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, check=True)
-    wall = time.perf_counter() - t0
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+           f"model.weights={args.weights}", *extra]
+    rows, wall = record.run_lab(cmd, run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     eval_s = sum(r.get("perf/eval_seconds", 0) for r in rows)
     out = load_image(run_dir / "stylized.png", None, "content")
     optimise_s = summary["elapsed_s"] - eval_s
-    return {"command": " ".join(cmd[1:]), "optimisation_seconds": round(optimise_s, 1),
+    return {"command": " ".join(["-m", "lab", *cmd]), "optimisation_seconds": round(optimise_s, 1),
             "seconds_per_iteration": round(optimise_s / args.steps, 4), "process_wall_s": round(wall, 1),
             "run_dir": str(run_dir.relative_to(REPO)), "initial_loss_logged": summary["eval/initial_loss"],
             "final_loss_logged": summary["eval/loss"]}, out

@@ -1,18 +1,30 @@
-"""Shared by the benchmarks: describe the machine and write a result record atomically."""
+"""Shared by the benchmarks: run the lab, describe the machine and write a result record atomically."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(RESULTS.parents[1]))  # the repository, for lab.io
+
+
+def run_lab(args: list[str], run_dir: Path, **kwargs: Any) -> tuple[list[dict[str, Any]], float]:
+    """`python -m lab *args hydra.run.dir=run_dir` in a subprocess (a failure raises): the rows of its
+    metrics.jsonl and the wall seconds of the whole process."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "lab", *args, f"hydra.run.dir={run_dir}"], cwd=RESULTS.parents[1],
+                   check=True, **kwargs)
+    wall = time.perf_counter() - t0
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()], wall
 
 
 def machine() -> dict[str, Any]:

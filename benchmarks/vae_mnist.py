@@ -15,9 +15,7 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,17 +32,14 @@ def main() -> None:
     os.environ.setdefault("LAB_DATA_DIR", str(REPO.parent / "shared" / "data"))
     run_dir = REPO / "outputs" / "benchmarks" / "vae_mnist"  # kept: its reconstructions, samples, latent space
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, "-m", "lab", "+experiment=vae_mnist", "logger=none", "trainer.progress=false",
-           f"trainer.max_epochs={args.epochs}", f"hydra.run.dir={run_dir}", *args.lab_args]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, check=True)
-    wall = time.perf_counter() - t0
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    cmd = ["+experiment=vae_mnist", "logger=none", "trainer.progress=false", f"trainer.max_epochs={args.epochs}",
+           *args.lab_args]
+    rows, wall = record.run_lab(cmd, run_dir)
     evals = [r for r in rows if "eval/loss" in r]
     train = [r for r in rows if "perf/samples_per_sec" in r]
     last = evals[-1]
     figures = {
-        "command": " ".join(cmd[1:]), "epochs": args.epochs,
+        "command": " ".join(["-m", "lab", *cmd]), "epochs": args.epochs,
         "test_negative_elbo_per_epoch": [round(r["eval/loss"], 2) for r in evals],
         "test_negative_elbo": round(last["eval/loss"], 2),
         "test_reconstruction": round(last["eval/reconstruction"], 2), "test_kl": round(last["eval/kl"], 2),

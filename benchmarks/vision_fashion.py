@@ -123,12 +123,8 @@ def plain_loop(cfg: dict, root: Path, max_epochs: int, seed: int) -> dict:
 def lab_run(experiment: str, seed: int, extra: tuple[str, ...] = (), name: str | None = None) -> dict:
     """Run a preset; its curves, last confusion matrix and misclassified grid go to results/vision_<name>/."""
     run_dir = Path(tempfile.mkdtemp(prefix="lab-bench-"))
-    cmd = [sys.executable, "-m", "lab", f"+experiment={experiment}", "logger=none", "trainer.progress=false",
-           f"seed={seed}", *extra, f"hydra.run.dir={run_dir}"]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, check=True)
-    wall = time.perf_counter() - t0
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    cmd = [f"+experiment={experiment}", "logger=none", "trainer.progress=false", f"seed={seed}", *extra]
+    rows, wall = record.run_lab(cmd, run_dir)
     evals = [r for r in rows if "eval/accuracy" in r]
     train = [r for r in rows if "perf/samples_per_sec" in r]
     last_train = train[-1]
@@ -143,7 +139,7 @@ def lab_run(experiment: str, seed: int, extra: tuple[str, ...] = (), name: str |
             shutil.copy(f, keep / (f.name.rsplit("_", 1)[0].replace("eval_", "") + ".png"))
     shutil.rmtree(run_dir, ignore_errors=True)
     return {
-        "command": " ".join(["python", *cmd[1:-1]]),
+        "command": " ".join(["python", "-m", "lab", *cmd]),
         "parameters": params,
         "evaluations": [{"step": r["step"], "test_accuracy": r["eval/accuracy"], "test_loss": round(r["eval/loss"], 4),
                          "elapsed_s": round(r["perf/elapsed_s"], 2)} for r in evals],

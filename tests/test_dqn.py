@@ -8,8 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from agents.dqn import DQN
 from conftest import read_metrics, run_lab
+from lab.distributed import DistInfo
+from lab.logger import RunLogger
+from lab.task import RunContext
 
 QUIET = ["logger=none", "trainer.progress=false"]
 # Pong on 2 CPU cores: 4 envs, tiny buffer, one short evaluation game (env.max_episode_frames caps it).
@@ -82,13 +87,6 @@ def test_bad_agent_settings_are_refused(tmp_path: Path) -> None:
 def test_the_update_forward_also_acts_and_frames_scale_in_the_compute_dtype(tmp_path: Path) -> None:
     """td_loss(obs) gives the loss of td_loss() plus the greedy actions for obs, from one forward pass;
     uint8 frames go straight to the autocast dtype with the same values as `obs.float() / 255`."""
-    from omegaconf import OmegaConf
-
-    from agents.dqn import DQN
-    from lab.distributed import DistInfo
-    from lab.logger import RunLogger
-    from lab.task import RunContext
-
     conf = Path(__file__).resolve().parents[1] / "conf"
     overrides = ["agent.num_envs=2", "agent.buffer_size=400", "agent.learning_starts=10000", "agent.batch_size=8",
                  "agent.eval_episodes=1", "mode=train"]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from generative.fid import FID
+from generative.fid import FID, classifier_seed
 from lab import data, io
 from lab.errors import LabError
 from lab.task import RunContext, Task
@@ -117,6 +117,7 @@ class DCGAN(Task):
                                                         generator=torch.Generator().manual_seed(ctx.seed)))
         self.fid: FID | None = None  # built at the first evaluation (mode=generate never needs it)
         self.fid_enabled = bool(cfg.fid.enabled)
+        classifier_seed(cfg.fid)  # refuse a bad fid.seed before training, not at the first evaluation
 
     # ---- trainer contract -----------------------------------------------------------------------------
     def optimizers(self, total_steps: int | None) -> dict[str, Any]:

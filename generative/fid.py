@@ -56,6 +56,14 @@ class FeatureNet(nn.Module):
         return self.net.classifier[:2](self.net.features(x))  # Linear(flat, hidden) + ReLU
 
 
+def classifier_seed(cfg: Any) -> int:
+    """`fid.seed`: the metric's own seed, not the run's, so runs of any seed are measured by one classifier."""
+    seed = cfg.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise LabError(f"fid.seed={seed!r} must be an integer (the FID classifier's seed; default 0)")
+    return seed
+
+
 class FID:
     """`FID(cfg.fid, train, test, device)(generate)`: the distance between `n_fake` generated images and the
     first `n_real` test images. Images are uint8 (N, C, H, W) for the data and [0, 1] floats from `generate`."""
@@ -63,7 +71,7 @@ class FID:
     def __init__(self, cfg: Any, data_cfg: Any, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
                  test_y: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
         self.cfg, self.device = cfg, device
-        seed = int(cfg.get("seed", 0))  # the metric's own seed, not the run's: runs of any seed share one ruler
+        seed = classifier_seed(cfg)
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         _, c, size, _ = train_x.shape

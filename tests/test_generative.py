@@ -64,6 +64,10 @@ def test_dcgan_mnist_trains_logs_samples_fid_animation_and_generates(tmp_path: P
     assert bad.returncode == 2 and "does not fit" in bad.stderr and "Traceback" not in bad.stderr
     bad = run_lab(tmp_path, "+experiment=mnist_cnn", *FAST, "mode=generate", "checkpoint=x.pt", env=_env(tmp_path))
     assert bad.returncode == 2 and "no generate(n)" in bad.stderr
+    bad = run_lab(tmp_path, "+experiment=dcgan_mnist", *FAST, "data.subset=256", "fid.seed=abc",
+                  f"hydra.run.dir={tmp_path / 'bad_seed'}", env=_env(tmp_path))
+    assert bad.returncode == 2 and "fid.seed='abc' must be an integer" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad_seed" / "metrics.jsonl").exists()  # refused before training
 
 
 def _write_cifar(root: Path, n: int) -> None:

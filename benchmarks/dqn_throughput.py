@@ -9,10 +9,14 @@ steps, replay buffer 100k, gradient clipping at 10, vanilla DQN (no Double, no d
 Each runs in its own process, one after the other. Reported: env steps per second of the whole
 training loop (acting, env stepping, replay, updates) from `learning_starts` to the end, the ratio,
 and each process's peak resident memory. SB3 runs fp32 (it has no mixed precision). The lab runs twice:
-fp32 (like for like) and with its CPU speed setting, bf16 autocast (this CPU has AVX512-BF16); `--lab-args`
-replaces the latter (e.g. `trainer.precision=bf16 trainer.compile=true`). The three runs repeat
-`--repeats` times, interleaved, and the median of each is reported. Run it on an otherwise idle
-machine: 2 cores shared with another torch process slow both several-fold.
+fp32 (like for like) and with the CPU speed setting measured best on this kind of CPU (`--lab-args`
+replaces it): bf16 autocast where oneDNN has bf16 kernels (AVX512-BF16: 1.78x SB3 there), else fp32
+with channels-last (on an AVX2-only CPU bf16 is emulated and about 10x slower; channels-last makes
+the convolutions 1.5-2x faster). A fourth runner, `plain`, is the floor of this machine's kernels: a
+hand-written loop with the same network, update, batch-1 acting and env stepping (overlapped with the
+update), but no replay bookkeeping (random stored frames), no episode tracking and no logging.
+The runners repeat `--repeats` times, interleaved, and the median of each is reported. Run it on an
+otherwise idle machine: 2 cores shared with another torch process slow both several-fold.
 Writes benchmarks/results/dqn_throughput.json (dqn_throughput_envs<N>.json with --num-envs N > 1).
 """
 
@@ -36,7 +40,18 @@ import record  # noqa: E402
 
 HPARAMS = dict(batch_size=32, train_frequency=4, gradient_steps=1, learning_rate=1e-4, target_update_interval=1000,
                buffer_size=100_000, gamma=0.99, exploration_fraction=0.1, epsilon_end=0.01)
-LAB_SPEED = ["trainer.precision=bf16"]  # compile and channels_last measured no faster here (batch-1 acting)
+
+
+def lab_speed() -> list[str]:
+    """The CPU setting measured fastest for this loop: bf16 where oneDNN runs it natively (channels-last and
+    compile measured no faster there, batch-1 acting), else fp32 with channels-last (compile measured slower)."""
+    import torch
+
+    from lab.trainer import native_bf16
+
+    if native_bf16(torch.device("cpu")):
+        return ["trainer.precision=bf16"]
+    return ["trainer.precision=32", "trainer.channels_last=true"]
 
 
 def lab_args(steps: int, starts: int, envs: int, run_dir: str, extra: list[str]) -> list[str]:
@@ -81,6 +96,68 @@ def sb3_worker(steps: int, starts: int, envs: int, env_threads: int) -> None:
                       "timed_seconds": t1 - t0, "updates": model._n_updates, "torch_threads": torch.get_num_threads()}))
 
 
+def plain_worker(steps: int, starts: int, envs: int, env_threads: int, lab_extra: list[str]) -> None:
+    """Runs in a child process: the floor of this machine's kernels. The lab's network, update and
+    epsilon-greedy batch-1 acting, env steps sent before the update and received after it (as the lab
+    does), same precision and memory format as the lab's speed setting; replay samples are random frames
+    from a preallocated uint8 tensor. Prints steps/s over the steps after `starts`."""
+    import copy
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from omegaconf import OmegaConf
+
+    from agents.dqn import QNetwork
+    from agents.envs import make_env
+
+    h = HPARAMS
+    bf16, channels_last = "trainer.precision=bf16" in lab_extra, "trainer.channels_last=true" in lab_extra
+    env_cfg = OmegaConf.load(REPO / "conf" / "env" / "atari.yaml")
+    env_cfg.num_threads = env_threads
+    env = make_env(env_cfg, envs, 0)
+    obs, _ = env.reset(seed=0)
+    q = QNetwork(obs.shape[1:], int(env.single_action_space.n), [512], dueling=False)
+    if channels_last:
+        q = q.to(memory_format=torch.channels_last)
+    q_target = copy.deepcopy(q).requires_grad_(False)
+    opt = torch.optim.Adam(q.parameters(), lr=h["learning_rate"], fused=True)
+    frames = torch.randint(0, 256, (4096, *obs.shape[1:]), dtype=torch.uint8)
+    rng = np.random.default_rng(0)
+    n_actions, batch, per_update = int(env.single_action_space.n), h["batch_size"], h["train_frequency"] // envs
+
+    def act(o: np.ndarray) -> np.ndarray:
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            greedy = q(torch.as_tensor(o)).argmax(1).numpy()
+        return np.where(rng.random(envs) < h["epsilon_end"], rng.integers(0, n_actions, envs), greedy)
+
+    def update() -> None:
+        i = torch.randint(0, len(frames) - 1, (batch,))
+        a, r = torch.randint(0, n_actions, (batch,)), torch.randn(batch)
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            with torch.no_grad():
+                target = r + h["gamma"] * q_target(frames[i + 1]).float().max(1).values
+            loss = F.smooth_l1_loss(q(frames[i]).float().gather(1, a[:, None]).squeeze(1), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(q.parameters(), 10)
+        opt.step()
+
+    step, t0 = 0, 0.0
+    while step < steps:
+        if step == starts:
+            t0 = time.perf_counter()
+        for k in range(per_update):
+            env.send(act(obs))
+            if k == 0 and step >= starts:
+                update()
+            obs = env.recv()[0]
+            step += envs
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"steps_per_sec": (steps - starts) / seconds, "timed_steps": steps - starts,
+                      "timed_seconds": seconds, "torch_threads": torch.get_num_threads()}))
+
+
 def run_child(args: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
     """Run a child process; returns it and its peak resident memory in GB (Linux ru_maxrss is KiB)."""
     wrapper = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
@@ -109,15 +186,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--learning-starts", type=int, default=1000)
     ap.add_argument("--num-envs", type=int, default=1)
-    ap.add_argument("--lab-args", nargs="*", default=LAB_SPEED)
+    ap.add_argument("--lab-args", nargs="*", default=None, help="the lab's speed setting (default: per CPU)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--env-threads", type=int, default=0, help="ALE's C++ threads (0: one per env up to the cores)")
     ap.add_argument("--sb3-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--plain-worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.num_envs not in (1, 2, 4):
         raise SystemExit("--num-envs must divide the 4 env steps between updates: 1, 2 or 4")
+    if a.lab_args is None:
+        a.lab_args = lab_speed()
     if a.sb3_worker:
         return sb3_worker(a.steps, a.learning_starts, a.num_envs, a.env_threads)
+    if a.plain_worker:
+        return plain_worker(a.steps, a.learning_starts, a.num_envs, a.env_threads, a.lab_args)
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO),
            "SB3_LOGDIR": tempfile.mkdtemp(prefix="sb3-"),
            "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR", str(REPO / ".cache" / "inductor"))}
@@ -125,7 +207,7 @@ def main() -> None:
                               "num_envs": a.num_envs, "env": "ALE/Pong-v5 via AtariVectorEnv, frameskip 4, stack 4",
                               "lab_args": a.lab_args, "repeats": a.repeats,
                               "env_threads": a.env_threads or f"auto ({min(a.num_envs, os.cpu_count() or 1)})"}}
-    runs: dict[str, list[dict]] = {"lab_fp32": [], "lab": [], "sb3": []}
+    runs: dict[str, list[dict]] = {"lab_fp32": [], "lab": [], "sb3": [], "plain": []}
     for _ in range(a.repeats):
         for name, extra in (("lab_fp32", ["trainer.precision=32"]), ("lab", a.lab_args)):
             with tempfile.TemporaryDirectory(prefix="dqn-bench-") as tmp:
@@ -135,13 +217,14 @@ def main() -> None:
                 runs[name].append({**lab_rate(Path(tmp), a.learning_starts), "peak_rss_gb": round(peak, 3),
                                    "process_seconds": round(time.perf_counter() - t, 1)})
             print(name, runs[name][-1], flush=True)
-        t = time.perf_counter()
-        p, peak = run_child([str(Path(__file__).resolve()), "--sb3-worker", "--steps", str(a.steps),
-                             "--learning-starts", str(a.learning_starts), "--num-envs", str(a.num_envs),
-                             "--env-threads", str(a.env_threads)], env)
-        runs["sb3"].append({**json.loads(p.stdout.strip().splitlines()[-1]), "peak_rss_gb": round(peak, 3),
-                            "process_seconds": round(time.perf_counter() - t, 1)})
-        print("sb3", runs["sb3"][-1], flush=True)
+        for name in ("sb3", "plain"):
+            t = time.perf_counter()
+            p, peak = run_child([str(Path(__file__).resolve()), f"--{name}-worker", "--steps", str(a.steps),
+                                 "--learning-starts", str(a.learning_starts), "--num-envs", str(a.num_envs),
+                                 "--env-threads", str(a.env_threads), "--lab-args", *a.lab_args], env)
+            runs[name].append({**json.loads(p.stdout.strip().splitlines()[-1]), "peak_rss_gb": round(peak, 3),
+                               "process_seconds": round(time.perf_counter() - t, 1)})
+            print(name, runs[name][-1], flush=True)
     for name, rs in runs.items():
         rates = sorted(r["steps_per_sec"] for r in rs)
         out[name] = {"steps_per_sec_median": round(statistics.median(rates), 1), "steps_per_sec_runs": rates,
@@ -149,9 +232,12 @@ def main() -> None:
     sb3 = out["sb3"]["steps_per_sec_median"]
     out["speedup"] = round(out["lab"]["steps_per_sec_median"] / sb3, 2)
     out["speedup_fp32"] = round(out["lab_fp32"]["steps_per_sec_median"] / sb3, 2)
+    out["speedup_plain"] = round(out["plain"]["steps_per_sec_median"] / sb3, 2)
+    out["lab_of_plain"] = round(out["lab"]["steps_per_sec_median"] / out["plain"]["steps_per_sec_median"], 2)
     out["target_speedup"] = 2.0
     out["meets_target"] = out["speedup"] >= 2.0
-    print(f"speed-up {out['speedup']}x (lab fp32: {out['speedup_fp32']}x)", flush=True)
+    print(f"speed-up {out['speedup']}x (lab fp32: {out['speedup_fp32']}x; the plain floor loop: "
+          f"{out['speedup_plain']}x; the lab runs at {out['lab_of_plain']} of the floor)", flush=True)
     out["note"] = ("SB3 allocates its replay buffer lazily (numpy) and the lab eagerly (torch.zeros), so peak RSS "
                    "compares processes, not buffers: see benchmarks/results/replay_memory.json for buffers")
     record.write("dqn_throughput" if a.num_envs == 1 else f"dqn_throughput_envs{a.num_envs}", out)

@@ -37,7 +37,10 @@ def machine() -> dict[str, Any]:
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            # The CPU's vector unit decides which precision is fast: "AVX2" CPUs emulate bf16 (about 10x slower).
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}
     for pkg in ("torchvision", "numpy", "hydra", "wandb"):
         try:
             info[pkg] = __import__(pkg).__version__

@@ -33,10 +33,34 @@ from lab.task import RunContext, Task
 PRECISIONS: dict[str, torch.dtype | None] = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 runs at hardware speed here: a CUDA GPU with bf16, or a CPU with oneDNN bf16 kernels
+    (AVX512/AVX512-BF16/AMX). On an AVX2-only CPU bf16 is emulated and several times slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def resolve_precision(spec: Any, device: torch.device) -> str:
+    """`auto` is bf16 where the device runs it natively, else 32; an explicit bf16 on a CPU that only
+    emulates it runs as asked, with a one-line warning."""
+    spec = str(spec)
+    if spec == "auto":
+        spec = "bf16" if native_bf16(device) else "32"
+        print(f"[lab] trainer.precision=auto: {spec} on {device}", flush=True)
+    elif spec == "bf16" and device.type == "cpu" and not native_bf16(device):
+        print(f"[lab] warning: trainer.precision=bf16 on a CPU without bf16 kernels "
+              f"({torch.backends.cpu.get_cpu_capability()}): emulated, several times slower than float32; "
+              "trainer.precision=auto picks the fast one", flush=True)
+    return spec
+
+
 def check_config(cfg: DictConfig) -> None:
     """Refuse bad trainer settings before anything runs."""
-    if str(cfg.precision) not in PRECISIONS:
-        raise LabError(f"trainer.precision={cfg.precision!r} is not supported; use one of 32, bf16, fp16")
+    if str(cfg.precision) not in (*PRECISIONS, "auto"):
+        raise LabError(f"trainer.precision={cfg.precision!r} is not supported; use one of auto, 32, bf16, fp16")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(cfg.device)):
         raise LabError(f"trainer.device={cfg.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
     for key in ("max_steps", "max_epochs", "log_every", "eval_every", "checkpoint_every", "num_threads"):
@@ -142,7 +166,7 @@ class Trainer:
         self.cfg, self.ctx, self.config = cfg, ctx, config
         self.device, self.dist, self.logger = ctx.device, ctx.dist, ctx.logger
         self.ckpt_dir = ctx.run_dir / "checkpoints"
-        self.precision = str(cfg.precision)
+        self.precision = resolve_precision(cfg.precision, self.device)
         self._raw: dict[str, nn.Module] = {}  # child modules before DDP wrapping
         self.stop_signal: int | None = None  # the signal that asked this run to stop
         self.best: dict[str, Any] = {}

@@ -17,7 +17,8 @@ hand-written loop with the same network, update, batch-1 acting and env stepping
 update), but no replay bookkeeping (random stored frames), no episode tracking and no logging.
 The runners repeat `--repeats` times, interleaved, and the median of each is reported. Run it on an
 otherwise idle machine: 2 cores shared with another torch process slow both several-fold.
-Writes benchmarks/results/dqn_throughput.json (dqn_throughput_envs<N>.json with --num-envs N > 1).
+Writes benchmarks/results/dqn_throughput.json (dqn_throughput_envs<N>.json with --num-envs N > 1; an _avx2
+suffix on a CPU without native bf16).
 """
 
 from __future__ import annotations
@@ -240,7 +241,7 @@ def main() -> None:
           f"{out['speedup_plain']}x; the lab runs at {out['lab_of_plain']} of the floor)", flush=True)
     out["note"] = ("SB3 allocates its replay buffer lazily (numpy) and the lab eagerly (torch.zeros), so peak RSS "
                    "compares processes, not buffers: see benchmarks/results/replay_memory.json for buffers")
-    record.write("dqn_throughput" if a.num_envs == 1 else f"dqn_throughput_envs{a.num_envs}", out)
+    record.write(f"dqn_throughput{'' if a.num_envs == 1 else f'_envs{a.num_envs}'}{record.cpu_kind_suffix()}", out)
 
 
 if __name__ == "__main__":

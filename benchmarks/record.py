@@ -54,6 +54,14 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def cpu_kind_suffix() -> str:
+    """"" on a CPU with native bf16 (AVX512: the records up to 2026-11-22), "_avx2" without it: precision-
+    dependent benchmarks keep one record per kind of CPU, since their figures differ several-fold."""
+    import torch
+
+    return "" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "_avx2"
+
+
 def write(name: str, figures: dict[str, Any]) -> Path:
     """Write benchmarks/results/<name>.json with the figures, the machine and the command."""
     from lab import io

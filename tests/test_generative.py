@@ -14,6 +14,7 @@ from PIL import Image
 
 from conftest import DATA, lab_env, read_metrics, run_lab
 from generative.fid import FID, frechet_distance
+from generative.neural_style import StepLBFGS
 from lab import data
 
 FAST = ["logger=none", "trainer.progress=false", "trainer.num_threads=1", "trainer.log_every=2"]
@@ -156,9 +157,16 @@ def test_neural_style_loss_falls_with_random_weights(tmp_path: Path) -> None:
                 f"hydra.run.dir={run}", env=_env(tmp_path)))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["eval/initial_content_loss"] == 0  # the optimisation starts from the content image
-    assert summary["eval/loss"] < 0.7 * summary["eval/initial_loss"]
+    # L-BFGS without line search (the recipe) descends on its first steps; later ones may overshoot, and where
+    # depends on the CPU's arithmetic (AVX512-BF16 and AVX2 diverge at different steps): Adam shows the fall.
     train = _finite(read_metrics(run), "train/loss")
-    assert train[-1] < train[0]
+    assert all(b < a for a, b in zip(train[:6], train[1:6])), train
+    adam = tmp_path / "adam"
+    _ok(run_lab(tmp_path, *common, "model.random_init=true", "style.steps=20", "trainer.eval_every=20",
+                "style.optimizer=adam", "style.lr=0.02", "trainer.precision=32", f"hydra.run.dir={adam}",
+                env=_env(tmp_path)))
+    adam_summary = json.loads((adam / "summary.json").read_text())
+    assert adam_summary["eval/loss"] < 0.5 * adam_summary["eval/initial_loss"]
     with Image.open(run / "stylized.png") as im:
         assert im.size == (32, 21) and im.mode == "RGB"  # chelsea is 451x300: longer side 32
     assert len(list((run / "media").glob("stylized_*.png"))) == 2  # the progression: steps 10 and 20
@@ -168,6 +176,35 @@ def test_neural_style_loss_falls_with_random_weights(tmp_path: Path) -> None:
                          (["model.random_init=true", "style.content=nothing.png"], "style.content")):
         result = run_lab(tmp_path, *common, *args, env=_env(tmp_path))
         assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_step_lbfgs_gives_the_iterates_of_lbfgs_with_a_closure() -> None:
+    """One trainer step per L-BFGS iteration (gradient from the trainer's backward) follows the same path as
+    `LBFGS.step(closure)` with max_iter=N and no line search, the PyTorch tutorial's setting."""
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return (1 - x[0]) ** 2 + 10 * (x[1] - x[0] ** 2) ** 2 + x.square().sum()
+
+    x0 = torch.tensor([-1.2, 1.0, 0.5], dtype=torch.float64)
+    ref_x = x0.clone().requires_grad_()
+    ref = torch.optim.LBFGS([ref_x], lr=0.5, max_iter=8, history_size=100, line_search_fn=None)
+
+    def closure() -> torch.Tensor:
+        ref.zero_grad()
+        loss = f(ref_x)
+        loss.backward()
+        return loss
+
+    ref.step(closure)
+    x = x0.clone().requires_grad_()
+    opt = StepLBFGS([x], lr=0.5)
+    for _ in range(8):
+        opt.zero_grad()
+        loss = f(x)
+        loss.backward()
+        opt.loss = loss.item()
+        opt.step()
+    assert not torch.equal(x.detach(), x0)
+    torch.testing.assert_close(x.detach(), ref_x.detach(), rtol=1e-12, atol=1e-12)
 
 
 def test_frechet_distance_matches_the_closed_form() -> None:

@@ -70,6 +70,19 @@ def layer_names(features: nn.Sequential) -> list[str]:
     return names
 
 
+def vgg_features(arch: str) -> nn.Sequential:
+    """torchvision's VGG16/VGG19 `features` with its initialisation, built alone: building the whole VGG
+    would also initialise its 120M-parameter classifier (2.5 s here) only to drop it."""
+    from torchvision.models import vgg
+
+    features = vgg.make_layers(vgg.cfgs[{"vgg16": "D", "vgg19": "E"}[arch]])
+    for m in features:
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    return features
+
+
 def load_vgg(cfg: DictConfig) -> nn.Sequential:
     """torchvision's VGG16/VGG19 `features`: from `model.weights` (a local state dict, or `imagenet` for
     torchvision's download), or randomly initialised only when `model.random_init=true`."""
@@ -79,7 +92,7 @@ def load_vgg(cfg: DictConfig) -> nn.Sequential:
     if arch not in ("vgg16", "vgg19"):
         raise LabError(f"model.arch={arch} is not supported; use vgg16 or vgg19")
     if cfg.get("random_init"):
-        return getattr(torchvision.models, arch)(weights=None).features
+        return vgg_features(arch)
     if not weights:
         raise LabError(f"no VGG weights: pass model.weights=PATH (a torchvision {arch} state dict) or "
                        "model.weights=imagenet, or model.random_init=true for an untrained network (tests only)")
@@ -96,7 +109,7 @@ def load_vgg(cfg: DictConfig) -> nn.Sequential:
         finally:
             socket.setdefaulttimeout(previous)
     state = checkpoint.load_weights(str(weights))
-    features = getattr(torchvision.models, arch)(weights=None).features
+    features = vgg_features(arch)
     if any(k.startswith("features.") for k in state):  # a whole VGG's state dict: keep its features
         state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
     try:

@@ -17,8 +17,8 @@ $(VENV)/.installed: pyproject.toml
 run: install  ## the main job: the book's deep CNN on MNIST
 	$(PY) -m lab +experiment=mnist_cnn $(ARGS)
 
-test: install browser  ## two pytest workers, one torch thread each: both cores busy, no oversubscription
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 $(ARGS)
+test: install browser  ## two pytest workers, one torch thread each (both cores busy, no oversubscription); worksteal evens their ends
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal $(ARGS)
 
 browser:  ## headless Chromium for the report-rendering test (Debian's package; skipped where apt is not ours)
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \

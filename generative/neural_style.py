@@ -86,8 +86,6 @@ def vgg_features(arch: str) -> nn.Sequential:
 def load_vgg(cfg: DictConfig) -> nn.Sequential:
     """torchvision's VGG16/VGG19 `features`: from `model.weights` (a local state dict, or `imagenet` for
     torchvision's download), or randomly initialised only when `model.random_init=true`."""
-    import torchvision
-
     arch, weights = str(cfg.arch), cfg.get("weights")
     if arch not in ("vgg16", "vgg19"):
         raise LabError(f"model.arch={arch} is not supported; use vgg16 or vgg19")
@@ -97,6 +95,8 @@ def load_vgg(cfg: DictConfig) -> nn.Sequential:
         raise LabError(f"no VGG weights: pass model.weights=PATH (a torchvision {arch} state dict) or "
                        "model.weights=imagenet, or model.random_init=true for an untrained network (tests only)")
     if str(weights) == "imagenet":
+        import torchvision
+
         enum = {"vgg16": torchvision.models.VGG16_Weights, "vgg19": torchvision.models.VGG19_Weights}[arch]
         previous = socket.getdefaulttimeout()
         socket.setdefaulttimeout(30)

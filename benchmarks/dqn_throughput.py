@@ -12,7 +12,7 @@ and each process's peak resident memory. SB3 runs fp32 (it has no mixed precisio
 fp32 (like for like) and with the CPU speed setting measured best on this kind of CPU (`--lab-args`
 replaces it): bf16 autocast where oneDNN has bf16 kernels (AVX512-BF16: 1.78x SB3 there), else fp32
 with channels-last (on an AVX2-only CPU bf16 is emulated and about 10x slower; channels-last makes
-the convolutions 1.5-2x faster). A fourth runner, `plain`, is the floor of this machine's kernels: a
+the update faster: benchmarks/dqn_update.py). A fourth runner, `plain`, is the floor of this machine's kernels: a
 hand-written loop with the same network, update, batch-1 acting and env stepping (overlapped with the
 update), but no replay bookkeeping (random stored frames), no episode tracking and no logging.
 The runners repeat `--repeats` times, interleaved, and the median of each is reported. Run it on an
@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -97,6 +98,23 @@ def sb3_worker(steps: int, starts: int, envs: int, env_threads: int) -> None:
                       "timed_seconds": t1 - t0, "updates": model._n_updates, "torch_threads": torch.get_num_threads()}))
 
 
+def update_step(q: Any, q_target: Any, opt: Any, obs: Any, next_obs: Any, actions: Any, rewards: Any,
+                bf16: bool) -> None:
+    """One vanilla-DQN update as the lab and SB3 do it here: target forward, online forward, Huber loss,
+    backward, gradient clipping at 10, Adam (bf16 autocast for the forwards when asked)."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        with torch.no_grad():
+            target = rewards + HPARAMS["gamma"] * q_target(next_obs).float().max(1).values
+        loss = F.smooth_l1_loss(q(obs).float().gather(1, actions[:, None]).squeeze(1), target)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(q.parameters(), 10)
+    opt.step()
+
+
 def plain_worker(steps: int, starts: int, envs: int, env_threads: int, lab_extra: list[str]) -> None:
     """Runs in a child process: the floor of this machine's kernels. The lab's network, update and
     epsilon-greedy batch-1 acting, env steps sent before the update and received after it (as the lab
@@ -106,7 +124,6 @@ def plain_worker(steps: int, starts: int, envs: int, env_threads: int, lab_extra
 
     import numpy as np
     import torch
-    import torch.nn.functional as F
     from omegaconf import OmegaConf
 
     from agents.dqn import QNetwork
@@ -134,15 +151,8 @@ def plain_worker(steps: int, starts: int, envs: int, env_threads: int, lab_extra
 
     def update() -> None:
         i = torch.randint(0, len(frames) - 1, (batch,))
-        a, r = torch.randint(0, n_actions, (batch,)), torch.randn(batch)
-        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-            with torch.no_grad():
-                target = r + h["gamma"] * q_target(frames[i + 1]).float().max(1).values
-            loss = F.smooth_l1_loss(q(frames[i]).float().gather(1, a[:, None]).squeeze(1), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(q.parameters(), 10)
-        opt.step()
+        update_step(q, q_target, opt, frames[i], frames[i + 1], torch.randint(0, n_actions, (batch,)),
+                    torch.randn(batch), bf16)
 
     step, t0 = 0, 0.0
     while step < steps:

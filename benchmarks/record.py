@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
-sys.path.insert(0, str(RESULTS.parents[1]))  # the repository, for lab.io
+sys.path.insert(0, str(RESULTS.parents[1]))  # the repository, for lab.io and lab.trainer
+
+from lab.trainer import native_bf16  # noqa: E402
 
 
 def run_lab(args: list[str], run_dir: Path, **kwargs: Any) -> tuple[list[dict[str, Any]], float]:
@@ -40,7 +42,7 @@ def machine() -> dict[str, Any]:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             # The CPU's vector unit decides which precision is fast: "AVX2" CPUs emulate bf16 (about 10x slower).
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}
+            "cpu_native_bf16": native_bf16(torch.device("cpu"))}
     for pkg in ("torchvision", "numpy", "hydra", "wandb"):
         try:
             info[pkg] = __import__(pkg).__version__
@@ -59,7 +61,7 @@ def cpu_kind_suffix() -> str:
     dependent benchmarks keep one record per kind of CPU, since their figures differ several-fold."""
     import torch
 
-    return "" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "_avx2"
+    return "" if native_bf16(torch.device("cpu")) else "_avx2"
 
 
 def write(name: str, figures: dict[str, Any]) -> Path:

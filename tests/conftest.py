@@ -22,7 +22,7 @@ def lab_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(LAB_DATA_DIR=str(DATA), HOME=str(tmp_path / "home"), NETRC=str(tmp_path / "no-netrc"),
                TORCHINDUCTOR_CACHE_DIR=str(REPO / ".cache" / "inductor"), SB3_LOGDIR=str(tmp_path / "sb3"),
-               MPLCONFIGDIR=str(REPO / ".cache" / "matplotlib"),  # one font cache, not one per run (0.5 s each)
+               MPLCONFIGDIR=str(REPO / ".cache" / "matplotlib"),  # one font cache, not one built per run
                PYTHONUNBUFFERED="1", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"))
     env.update(extra)
     return env

@@ -135,7 +135,11 @@ def evaluate(policy: Callable[[np.ndarray], np.ndarray], env: gym.vector.VectorE
                 lengths.append(length)
             if i == 0:
                 recording = False
-    clip = np.stack(frames) if frames else None
+    if not frames:
+        return returns, lengths, None
+    clip = np.stack(frames)
+    if atari:  # grey 84x84 -> RGB 336x336, once for the whole clip
+        clip = np.repeat(np.repeat(clip, 4, axis=1), 4, axis=2)[..., None].repeat(3, axis=3)
     return returns, lengths, clip
 
 
@@ -169,10 +173,10 @@ class Evaluator:
 
 
 def _frame(env: gym.vector.VectorEnv, obs: np.ndarray, atari: bool) -> np.ndarray:
-    """What the first copy shows: for Atari, the agent's newest 84x84 frame scaled x4; else `render()`."""
+    """What the first copy shows: for Atari, the agent's newest 84x84 grey frame (`evaluate` scales the
+    clip x4 to RGB at the end); else `render()`."""
     if atari:
-        f = obs[0, -1]
-        return np.repeat(np.repeat(f, 4, 0), 4, 1)[..., None].repeat(3, axis=2)
+        return obs[0, -1].copy()
     image = env.render()
     image = image[0] if isinstance(image, (tuple, list)) else image
     return np.asarray(image, dtype=np.uint8)

@@ -53,6 +53,8 @@ def machine() -> dict[str, Any]:
                                             text=True, cwd=RESULTS.parent).stdout.strip()
     except OSError:
         pass
+    if not info.get("git_commit") and os.environ.get("LAB_GIT_COMMIT"):  # a copy of the tree without .git
+        info["git_commit"] = os.environ["LAB_GIT_COMMIT"]
     return info
 
 

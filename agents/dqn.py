@@ -23,13 +23,14 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from agents.envs import EpisodeTracker, Evaluator, is_atari, make_env
@@ -88,7 +89,9 @@ class DQN(Task):
 
     def __init__(self, cfg: DictConfig, ctx: RunContext):
         super().__init__(cfg, ctx)
-        a = self.a = cfg.agent
+        # A plain copy of the agent's settings: the loop reads them ~20 times an iteration, and each
+        # DictConfig read cost about 50 us on a GPU machine's CPU (cProfile of dqn_pong on an H200 host).
+        a = self.a = SimpleNamespace(**OmegaConf.to_container(cfg.agent, resolve=True))
         if ctx.dist.enabled:
             raise LabError("DQN runs in one process; for more throughput raise agent.num_envs (drop torchrun)")
         if a.train_frequency % a.num_envs:

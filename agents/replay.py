@@ -43,6 +43,9 @@ class ReplayBuffer:
         self.real = torch.zeros(shape, dtype=torch.bool, **kw)
         self.written = 0  # time steps written so far (slot = written % slots)
 
+    # add()'s packing order: 4-byte fields (and float frames) before 1-byte ones
+    _PACKED = ("actions", "rewards", "frames", "terminated", "truncated", "first", "real")
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._tensors().values())
@@ -57,14 +60,22 @@ class ReplayBuffer:
 
     def add(self, obs: np.ndarray | torch.Tensor, action: Any, reward: Any, terminated: Any, truncated: Any,
             first: Any, real: Any) -> None:
-        """Record one vector step: the observation acted on (its newest frame is kept) and what followed."""
+        """Record one vector step: the observation acted on (its newest frame is kept) and what followed.
+
+        The step's fields travel packed as bytes in one host-to-device copy (each copy from pageable
+        memory waits for the GPU: one wait per step, not seven) and are unpacked on the buffer's device."""
         t = self.written % self.slots
         obs = torch.as_tensor(obs)
-        frame = obs[:, -1] if self.stack > 1 else obs
-        self.frames[t].copy_(frame, non_blocking=True)
-        for name, value in (("actions", action), ("rewards", reward), ("terminated", terminated),
-                            ("truncated", truncated), ("first", first), ("real", real)):
-            getattr(self, name)[t].copy_(torch.as_tensor(value), non_blocking=True)
+        host = {"frames": obs[:, -1] if self.stack > 1 else obs, "actions": action, "rewards": reward,
+                "terminated": terminated, "truncated": truncated, "first": first, "real": real}
+        dst = {k: getattr(self, k)[t] for k in self._PACKED}
+        parts = [torch.as_tensor(host[k]).to(dst[k].dtype).reshape(-1).view(torch.uint8) for k in self._PACKED]
+        packed = torch.cat(parts).to(self.device, non_blocking=True)
+        offset = 0
+        for k in self._PACKED:  # 4-byte fields first: every view below starts on a multiple of its item size
+            n = dst[k].numel() * dst[k].element_size()
+            dst[k].copy_(packed[offset:offset + n].view(dst[k].dtype).view(dst[k].shape))
+            offset += n
         self.written += 1
 
     def can_sample(self, n_step: int) -> bool:

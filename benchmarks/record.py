@@ -53,7 +53,7 @@ def machine() -> dict[str, Any]:
                                             text=True, cwd=RESULTS.parent).stdout.strip()
     except OSError:
         pass
-    if not info.get("git_commit") and os.environ.get("LAB_GIT_COMMIT"):  # a copy of the tree without .git
+    if os.environ.get("LAB_GIT_COMMIT"):  # a copied tree (a GPU machine's) whose .git is missing or stale
         info["git_commit"] = os.environ["LAB_GIT_COMMIT"]
     return info
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from agents.envs import EpisodeTracker, Evaluator, is_atari, make_env
 from agents.replay import ReplayBuffer
+from lab.cuda_graph import GraphedStep
 from lab.errors import LabError
 from lab.task import RunContext, Task
 
@@ -99,6 +100,9 @@ class DQN(Task):
                            f"multiple of agent.num_envs={a.num_envs}")
         if a.n_step < 1 or not 0 < a.gamma <= 1 or not 0 < a.tau <= 1:
             raise LabError("agent.n_step must be >= 1, agent.gamma and agent.tau in (0, 1]")
+        self.graphed = bool(a.cuda_graph)
+        if self.graphed and cfg.trainer.get("compile"):
+            raise LabError("agent.cuda_graph=true and trainer.compile=true: choose one (set trainer.compile=false)")
         self.atari = is_atari(str(cfg.env.id))
         self.frameskip = int(cfg.env.frameskip) if self.atari else 1
         self.learning_run = cfg.get("mode", "train") == "train"  # mode=eval builds no envs or buffer
@@ -126,11 +130,25 @@ class DQN(Task):
         self.buffer = ReplayBuffer(a.buffer_size, a.num_envs, obs_space.shape, dtype, stack, device)
         self.generator = torch.Generator(device=device).manual_seed(ctx.seed)
         self.refill_from = 0  # buffer.written when learning may (re)start: a resume without replay refills it
+        if self.graphed:  # static inputs of the graphs: filled in place before each replay
+            if device != ctx.device:
+                raise LabError("agent.cuda_graph=true needs the replay buffer on the training device: "
+                               f"set agent.buffer_device=auto (it is {a.buffer_device})")
+            if ctx.device.type != "cuda":
+                print(f"[lab] agent.cuda_graph=true on {ctx.device}: no CUDA graphs there, the same steps run "
+                      "eagerly", flush=True)
+            self.bounds = torch.zeros(2, dtype=torch.long, device=device)  # the buffer's sample_range
+            self.act_in = torch.zeros((a.num_envs, *obs_space.shape), dtype=dtype, device=device)
+            self.graph_act = GraphedStep(self._act_step, device)
+            self.graph_update: GraphedStep | None = None  # captured at the first update (it needs `optim`)
 
     # ---- trainer contract -------------------------------------------------------------------------
     def optimizers(self, total_steps: int | None) -> dict[str, Any]:
-        fused = next(self.q.parameters()).device.type in ("cuda", "cpu")  # one kernel for all parameters
-        return {"q": torch.optim.Adam(self.q.parameters(), lr=self.a.learning_rate, eps=self.a.adam_eps, fused=fused)}
+        device = next(self.q.parameters()).device
+        fused = device.type in ("cuda", "cpu")  # one kernel for all parameters
+        capturable = self.graphed and device.type == "cuda"  # its step count lives on the GPU, for the graph
+        return {"q": torch.optim.Adam(self.q.parameters(), lr=self.a.learning_rate, eps=self.a.adam_eps, fused=fused,
+                                      capturable=capturable)}
 
     def train_data(self) -> Iterator[int]:
         return itertools.count()  # endless: one item per iteration; the budget is trainer.max_steps
@@ -159,17 +177,22 @@ class DQN(Task):
             k = updates * (i + 1) // vector_steps - updates * i // vector_steps  # updates during this vector step
             explore, actions = self.explore(n, eps)
             act_obs = None if explore.all() else self.obs
-            if k:  # the first update's forward pass also gives the greedy actions: one forward instead of two
+            if k and not self.graphed:  # the first update's forward pass also gives the greedy actions
                 loss, q, greedy = self.td_loss(act_obs)
+            elif act_obs is None:
+                greedy = None
             else:
-                greedy = None if act_obs is None else self.greedy(act_obs)
+                greedy = self.graphed_greedy(act_obs) if self.graphed else self.greedy(act_obs)
             if greedy is not None:
                 actions = np.where(explore, actions, greedy)
             self._send(actions)  # AtariVectorEnv steps in its C++ threads during the backward passes
             for j in range(k):
-                if j:
-                    loss, q, _ = self.td_loss()
-                optim.step("q", loss)
+                if self.graphed:  # sampling, TD loss, backward and Adam: one launch
+                    loss, q = self.graphed_update(optim)
+                else:
+                    if j:
+                        loss, q, _ = self.td_loss()
+                    optim.step("q", loss)
                 self.updates += 1
                 losses.append(loss.detach())
                 qs.append(q)
@@ -218,13 +241,17 @@ class DQN(Task):
         explore, actions = self.explore(obs.shape[0], epsilon)
         return actions if explore.all() else np.where(explore, actions, self.greedy(obs))
 
-    def td_loss(self, act_obs: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
+    def td_loss(self, act_obs: np.ndarray | None = None, bounds: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
         """The TD loss on a sampled batch, its mean Q, and the greedy actions for `act_obs` (current
-        observations appended to the batch's forward pass; their rows carry no loss)."""
+        observations appended to the batch's forward pass; their rows carry no loss). `bounds`: the
+        buffer's sample range as a device tensor (inside a CUDA graph, which draws from the default
+        CUDA generator: capture supports it, seeded by `seed`)."""
         a = self.a
         device = next(self.q.parameters()).device
+        generator = None if bounds is not None and device.type == "cuda" else self.generator
         b = {k: v.to(device, non_blocking=True) for k, v in
-             self.buffer.sample(a.batch_size, a.n_step, a.gamma, self.generator).items()}
+             self.buffer.sample(a.batch_size, a.n_step, a.gamma, generator, bounds).items()}
         with torch.no_grad():
             next_q = self.q_target(b["next_obs"]).float()
             if a.double:
@@ -239,6 +266,33 @@ class DQN(Task):
         q = q_all[: a.batch_size].gather(1, b["actions"][:, None]).squeeze(1)
         loss = F.smooth_l1_loss(q, target) if a.loss == "huber" else F.mse_loss(q, target)
         return loss, q.detach().mean(), greedy
+
+    # ---- agent.cuda_graph: the update and the acting forward replayed as CUDA graphs -------------------
+    def graphed_update(self, optim: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """One update (sample, TD loss, backward, Adam step) replayed from its graph; (loss, mean Q)."""
+        if self.graph_update is None:
+            if torch.is_autocast_enabled(self.bounds.device.type):
+                raise LabError("agent.cuda_graph=true needs trainer.precision=32 (autocast's weight cache "
+                               "cannot be captured)")
+            self.graph_update = GraphedStep(lambda: self._update_step(optim), self.bounds.device)
+        lo, hi = self.buffer.sample_range(self.a.n_step)
+        self.bounds[0].fill_(lo)
+        self.bounds[1].fill_(hi)
+        loss, q = self.graph_update()
+        return loss.clone(), q.clone()  # the next replay rewrites the graph's outputs
+
+    def _update_step(self, optim: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, q, _ = self.td_loss(bounds=self.bounds)
+        optim.step("q", loss)
+        return loss.detach(), q
+
+    def graphed_greedy(self, obs: np.ndarray) -> np.ndarray:
+        self.act_in.copy_(torch.as_tensor(obs))
+        return self.graph_act().cpu().numpy()
+
+    @torch.no_grad()
+    def _act_step(self) -> torch.Tensor:
+        return self.q(self.act_in).argmax(1)
 
     def _send(self, actions: np.ndarray) -> None:
         if hasattr(self.env, "send"):  # AtariVectorEnv: the C++ threads step while we learn

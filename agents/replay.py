@@ -88,14 +88,25 @@ class ReplayBuffer:
         lo = max(0, self.written - self.slots + self.stack - 1)
         return lo, self.written - n_step - 1
 
-    def sample(self, batch_size: int, n_step: int, gamma: float,
-               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        lo, hi = self._range(n_step)
-        if hi <= lo:
-            raise LabError(f"the replay buffer holds {len(self)} transitions, too few to sample; "
-                           "raise agent.learning_starts")
+    def sample_range(self, n_step: int) -> tuple[int, int]:
+        """The time steps [lo, hi) that `sample` draws from."""
+        return self._range(n_step)
+
+    def sample(self, batch_size: int, n_step: int, gamma: float, generator: torch.Generator | None = None,
+               bounds: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """`batch_size` random n-step transitions. `bounds`: `sample_range` as a tensor on the buffer's
+        device, filled in place by the caller (a CUDA graph's kernels keep the arguments they were
+        captured with, so Python ints would stay those of the capture)."""
         kw = {"device": self.device, "generator": generator}
-        t = torch.randint(lo, hi, (batch_size,), **kw)
+        if bounds is None:
+            lo, hi = self._range(n_step)
+            if hi <= lo:
+                raise LabError(f"the replay buffer holds {len(self)} transitions, too few to sample; "
+                               "raise agent.learning_starts")
+            t = torch.randint(lo, hi, (batch_size,), **kw)
+        else:
+            span = (bounds[1] - bounds[0]).clamp_min(1)
+            t = bounds[0] + torch.minimum((torch.rand(batch_size, **kw) * span).long(), span - 1)
         env = torch.randint(0, self.num_envs, (batch_size,), **kw)
         t = t + (~self.real[t % self.slots, env]).long()  # an autoreset step: take the episode's first step
         return self.transitions(t, env, n_step, gamma)

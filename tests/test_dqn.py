@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from agents.dqn import DQN
 from conftest import read_metrics, run_lab
 from lab.distributed import DistInfo
+from lab.errors import LabError
 from lab.logger import RunLogger
 from lab.task import RunContext
 
@@ -118,3 +119,54 @@ def test_the_update_forward_also_acts_and_frames_scale_in_the_compute_dtype(tmp_
         with torch.autocast("cpu", dtype=torch.bfloat16):
             torch.testing.assert_close(task.q(obs), task.q.advantage(task.q.torso(obs.float() / 255.0)))
     task.close()
+
+
+def _cartpole_task(tmp_path: Path, device: str, *overrides: str) -> DQN:
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    cfg = OmegaConf.merge(OmegaConf.load(conf / "agent" / "dqn.yaml"),
+                          {"env": OmegaConf.load(conf / "env" / "gym.yaml")},
+                          OmegaConf.load(conf / "experiment" / "dqn_cartpole.yaml"),
+                          OmegaConf.from_dotlist(["mode=train", "agent.video=false", *overrides]))
+    logger = RunLogger(OmegaConf.create({"backend": "none"}), tmp_path, {})
+    return DQN(cfg, RunContext(torch.device(device), DistInfo(), logger, tmp_path, 0)).to(device)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device"))])
+def test_cuda_graph_steps_learn_from_new_samples_each_update(tmp_path: Path, device: str) -> None:
+    """agent.cuda_graph: acting and updating through GraphedStep (on a CPU the same steps run eagerly).
+    Each update draws a new batch from the buffer's current range and moves the weights; outputs are
+    copies that the next replay does not overwrite; the greedy actions are those of the eager forward."""
+    from lab.trainer import Optimizers
+
+    torch.manual_seed(0)
+    task = _cartpole_task(tmp_path, device, "agent.cuda_graph=true", "agent.learning_starts=200",
+                          "agent.train_frequency=4", "agent.gradient_steps=1", "agent.num_envs=4",
+                          "agent.batch_size=16")
+    optim = Optimizers(task.optimizers(None), torch.device(device), "32", None)
+    while task.env_steps < 200:  # random play fills the buffer
+        task.training_step(None, optim)
+    assert task.updates == 0
+    before = [p.detach().clone() for p in task.q.parameters()]
+    losses = []
+    for _ in range(8):
+        out = task.training_step(None, optim)
+        losses.append(out["loss"])
+    assert task.updates == 8  # (on CUDA the capture's warm-up also stepped Adam 3 times, uncounted)
+    assert len({round(float(v), 6) for v in losses}) == 8  # a new batch every update, kept apart
+    assert all(torch.isfinite(v) for v in losses)
+    assert any(not torch.equal(b, p) for b, p in zip(before, task.q.parameters()))
+    lo, hi = task.buffer.sample_range(task.a.n_step)
+    assert task.bounds.tolist() == [lo, hi - 1]  # filled before the last update, one vector step ago
+    obs = task.obs
+    assert (task.graphed_greedy(obs) == task.greedy(obs)).all()
+    task.close()
+
+
+def test_cuda_graph_refuses_what_it_cannot_capture(tmp_path: Path) -> None:
+    for overrides, message in ((["agent.buffer_device=cpu"], "agent.buffer_device=auto"),):
+        with pytest.raises(LabError, match=message):
+            _cartpole_task(tmp_path, "meta", "agent.cuda_graph=true", *overrides)  # meta: not the buffer's device
+    r = run_lab(tmp_path, *QUIET, "+experiment=dqn_cartpole", "agent.cuda_graph=true", "trainer.compile=true",
+                f"hydra.run.dir={tmp_path / 'run'}")
+    assert r.returncode == 2 and "choose one" in r.stderr and "Traceback" not in r.stderr

@@ -126,6 +126,12 @@ def test_sampling_never_returns_autoreset_steps_and_matches_atari_vector_env():
     batch = buffer.sample(4096, 1, 0.99, torch.Generator().manual_seed(0))
     firsts = {hist["obs"][i][j].tobytes() for i, j in pairs}
     assert all(o.numpy().tobytes() in firsts for o in batch["obs"][:256])
+    # The same with the range as a tensor (agent.cuda_graph): every draw in [lo, hi), and all of it reached.
+    lo, hi = buffer.sample_range(1)
+    in_range = {hist["obs"][i][j].tobytes() for i, j in pairs if lo <= i < hi}
+    graphed = buffer.sample(4096, 1, 0.99, torch.Generator().manual_seed(0), bounds=torch.tensor([lo, hi]))
+    seen = {o.numpy().tobytes() for o in graphed["obs"]}
+    assert seen <= in_range and len(seen) > 0.9 * len(in_range)
 
 
 def test_vector_observations_and_errors():

@@ -103,6 +103,9 @@ class DQN(Task):
         self.graphed = bool(a.cuda_graph)
         if self.graphed and cfg.trainer.get("compile"):
             raise LabError("agent.cuda_graph=true and trainer.compile=true: choose one (set trainer.compile=false)")
+        if self.graphed and str(cfg.trainer.get("precision")) != "32":
+            raise LabError(f"agent.cuda_graph=true needs trainer.precision=32 (it is {cfg.trainer.get('precision')}): "
+                           "autocast's weight cache cannot be captured")
         self.atari = is_atari(str(cfg.env.id))
         self.frameskip = int(cfg.env.frameskip) if self.atari else 1
         self.learning_run = cfg.get("mode", "train") == "train"  # mode=eval builds no envs or buffer
@@ -271,9 +274,6 @@ class DQN(Task):
     def graphed_update(self, optim: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """One update (sample, TD loss, backward, Adam step) replayed from its graph; (loss, mean Q)."""
         if self.graph_update is None:
-            if torch.is_autocast_enabled(self.bounds.device.type):
-                raise LabError("agent.cuda_graph=true needs trainer.precision=32 (autocast's weight cache "
-                               "cannot be captured)")
             self.graph_update = GraphedStep(lambda: self._update_step(optim), self.bounds.device)
         lo, hi = self.buffer.sample_range(self.a.n_step)
         self.bounds[0].fill_(lo)

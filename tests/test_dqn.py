@@ -123,7 +123,8 @@ def test_the_update_forward_also_acts_and_frames_scale_in_the_compute_dtype(tmp_
 
 def _cartpole_task(tmp_path: Path, device: str, *overrides: str) -> DQN:
     conf = Path(__file__).resolve().parents[1] / "conf"
-    cfg = OmegaConf.merge(OmegaConf.load(conf / "agent" / "dqn.yaml"),
+    cfg = OmegaConf.merge({"trainer": OmegaConf.load(conf / "trainer" / "default.yaml")},
+                          OmegaConf.load(conf / "agent" / "dqn.yaml"),
                           {"env": OmegaConf.load(conf / "env" / "gym.yaml")},
                           OmegaConf.load(conf / "experiment" / "dqn_cartpole.yaml"),
                           OmegaConf.from_dotlist(["mode=train", "agent.video=false", *overrides]))
@@ -164,7 +165,8 @@ def test_cuda_graph_steps_learn_from_new_samples_each_update(tmp_path: Path, dev
 
 
 def test_cuda_graph_refuses_what_it_cannot_capture(tmp_path: Path) -> None:
-    for overrides, message in ((["agent.buffer_device=cpu"], "agent.buffer_device=auto"),):
+    for overrides, message in ((["agent.buffer_device=cpu"], "agent.buffer_device=auto"),
+                               (["trainer.precision=bf16"], "needs trainer.precision=32")):
         with pytest.raises(LabError, match=message):
             _cartpole_task(tmp_path, "meta", "agent.cuda_graph=true", *overrides)  # meta: not the buffer's device
     r = run_lab(tmp_path, *QUIET, "+experiment=dqn_cartpole", "agent.cuda_graph=true", "trainer.compile=true",

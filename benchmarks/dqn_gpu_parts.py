@@ -10,7 +10,8 @@
    the loop (`update_ms_*`) and the host's time to issue them (`update_launch_ms_*`). Equal figures
    mean the update is bound by the host issuing kernels, not by the GPU.
 
-Runs on a CPU too (updates at batch 512 only). Writes benchmarks/results/dqn_gpu_parts.json.
+Runs on a CPU too (updates at batch 512 only, bf16 only where it is native) and then writes
+benchmarks/results/dqn_cpu_parts.json (_avx2 without native bf16); on a GPU, dqn_gpu_parts.json.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import record  # noqa: E402
 from agents.dqn import QNetwork  # noqa: E402
+from lab.trainer import native_bf16  # noqa: E402
 
 
 def env_rate(num_envs: int, threads: int, seconds: float) -> int:
@@ -100,7 +102,7 @@ def main() -> None:
         figures[f"env_steps_per_s_n{n}_threads{threads}"] = env_rate(n, threads, a.seconds)
         print(figures, flush=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    for precision in ("32", "bf16"):
+    for precision in ("32", "bf16") if device == "cuda" or native_bf16(torch.device("cpu")) else ("32",):
         for batch in (512, 256, 32) if device == "cuda" else (512,):
             total, launch = update_ms(device, precision, batch, a.seconds / 2)
             figures[f"update_ms_{precision}_b{batch}"] = total

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from agents.dqn import DQN
 from conftest import read_metrics, run_lab
+from lab.cuda_graph import GraphedStep
 from lab.distributed import DistInfo
 from lab.errors import LabError
 from lab.logger import RunLogger
@@ -161,6 +162,11 @@ def test_cuda_graph_steps_learn_from_new_samples_each_update(tmp_path: Path, dev
     assert task.bounds.tolist() == [lo, hi - 1]  # filled before the last update, one vector step ago
     obs = task.obs
     assert (task.graphed_greedy(obs) == task.greedy(obs)).all()
+    # Replays draw new random numbers (a graph that replayed the same batch would still move the weights)
+    generator = None if device == "cuda" else task.generator
+    draw = GraphedStep(lambda: task.buffer.sample(64, 1, 0.99, generator, task.bounds)["obs"], torch.device(device))
+    first, second = draw().clone(), draw().clone()
+    assert not torch.equal(first, second)
     task.close()
 
 

@@ -79,18 +79,14 @@ class ReplayBuffer:
         self.written += 1
 
     def can_sample(self, n_step: int) -> bool:
-        lo, hi = self._range(n_step)
+        lo, hi = self.sample_range(n_step)
         return hi > lo
 
-    def _range(self, n_step: int) -> tuple[int, int]:
-        """Sample time steps t in [lo, hi): their stacks are intact and step t+n_step+1 is written
+    def sample_range(self, n_step: int) -> tuple[int, int]:
+        """`sample` draws time steps t in [lo, hi): their stacks are intact and step t+n_step+1 is written
         (one step of slack: an autoreset step moves to the next one)."""
         lo = max(0, self.written - self.slots + self.stack - 1)
         return lo, self.written - n_step - 1
-
-    def sample_range(self, n_step: int) -> tuple[int, int]:
-        """The time steps [lo, hi) that `sample` draws from."""
-        return self._range(n_step)
 
     def sample(self, batch_size: int, n_step: int, gamma: float, generator: torch.Generator | None = None,
                bounds: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -99,7 +95,7 @@ class ReplayBuffer:
         captured with, so Python ints would stay those of the capture)."""
         kw = {"device": self.device, "generator": generator}
         if bounds is None:
-            lo, hi = self._range(n_step)
+            lo, hi = self.sample_range(n_step)
             if hi <= lo:
                 raise LabError(f"the replay buffer holds {len(self)} transitions, too few to sample; "
                                "raise agent.learning_starts")

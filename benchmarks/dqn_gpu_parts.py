@@ -37,11 +37,12 @@ from lab.trainer import native_bf16  # noqa: E402
 
 
 def env_rate(num_envs: int, threads: int, seconds: float) -> int:
-    from ale_py.vector_env import AtariVectorEnv
+    from omegaconf import OmegaConf
 
-    env = AtariVectorEnv("pong", num_envs, num_threads=threads, frameskip=4, stack_num=4, noop_max=30,
-                         repeat_action_probability=0.0, use_fire_reset=True, reward_clipping=False,
-                         episodic_life=False)
+    from agents.envs import atari_vector_env
+
+    cfg = OmegaConf.merge(OmegaConf.load(REPO / "conf" / "env" / "atari.yaml"), {"num_threads": threads})
+    env = atari_vector_env(cfg, "pong", num_envs)
     env.reset(seed=0)
     rng = np.random.default_rng(0)
     for _ in range(20):

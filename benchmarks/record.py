@@ -48,13 +48,14 @@ def machine() -> dict[str, Any]:
             info[pkg] = __import__(pkg).__version__
         except ImportError:
             pass
-    try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                            text=True, cwd=RESULTS.parent).stdout.strip()
-    except OSError:
-        pass
-    if os.environ.get("LAB_GIT_COMMIT"):  # a copied tree (a GPU machine's) whose .git is missing or stale
-        info["git_commit"] = os.environ["LAB_GIT_COMMIT"]
+    # LAB_GIT_COMMIT names the commit of a copied tree (a GPU machine's) whose .git is missing or stale
+    info["git_commit"] = os.environ.get("LAB_GIT_COMMIT")
+    if not info["git_commit"]:
+        try:
+            info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                                text=True, cwd=RESULTS.parent).stdout.strip()
+        except OSError:
+            pass
     return info
 
 

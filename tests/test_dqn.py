@@ -89,19 +89,24 @@ def test_bad_agent_settings_are_refused(tmp_path: Path) -> None:
         assert "Traceback" not in r.stderr
 
 
+def _task(tmp_path: Path, device: str, env: str, experiment: str, *overrides: str) -> DQN:
+    """A DQN task built in-process from the yaml files, as the CLI composes them, on `device`."""
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    cfg = OmegaConf.merge({"trainer": OmegaConf.load(conf / "trainer" / "default.yaml")},
+                          OmegaConf.load(conf / "agent" / "dqn.yaml"),
+                          {"env": OmegaConf.load(conf / "env" / f"{env}.yaml")},
+                          OmegaConf.load(conf / "experiment" / f"{experiment}.yaml"),
+                          OmegaConf.from_dotlist(["mode=train", *overrides]))
+    logger = RunLogger(OmegaConf.create({"backend": "none"}), tmp_path, {})
+    return DQN(cfg, RunContext(torch.device(device), DistInfo(), logger, tmp_path, 0)).to(device)
+
+
 def test_the_update_forward_also_acts_and_frames_scale_in_the_compute_dtype(tmp_path: Path) -> None:
     """td_loss(obs) gives the loss of td_loss() plus the greedy actions for obs, from one forward pass;
     uint8 frames go straight to the autocast dtype with the same values as `obs.float() / 255`."""
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    overrides = ["agent.num_envs=2", "agent.buffer_size=400", "agent.learning_starts=10000", "agent.batch_size=8",
-                 "agent.eval_episodes=1", "mode=train"]
-    cfg = OmegaConf.merge(OmegaConf.load(conf / "agent" / "dqn.yaml"),
-                          {"env": OmegaConf.load(conf / "env" / "atari.yaml")},
-                          OmegaConf.load(conf / "experiment" / "dqn_pong_nature.yaml"),
-                          OmegaConf.from_dotlist(overrides))
     torch.set_num_threads(1)
-    logger = RunLogger(OmegaConf.create({"backend": "none"}), tmp_path, {})
-    task = DQN(cfg, RunContext(torch.device("cpu"), DistInfo(), logger, tmp_path, 0))
+    task = _task(tmp_path, "cpu", "atari", "dqn_pong_nature", "agent.num_envs=2", "agent.buffer_size=400",
+                 "agent.learning_starts=10000", "agent.batch_size=8", "agent.eval_episodes=1")
     for _ in range(40):  # 160 env steps, all random (epsilon 1): fills the buffer, no updates
         task.training_step(None, None)
     state = task.generator.get_state()
@@ -123,14 +128,7 @@ def test_the_update_forward_also_acts_and_frames_scale_in_the_compute_dtype(tmp_
 
 
 def _cartpole_task(tmp_path: Path, device: str, *overrides: str) -> DQN:
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    cfg = OmegaConf.merge({"trainer": OmegaConf.load(conf / "trainer" / "default.yaml")},
-                          OmegaConf.load(conf / "agent" / "dqn.yaml"),
-                          {"env": OmegaConf.load(conf / "env" / "gym.yaml")},
-                          OmegaConf.load(conf / "experiment" / "dqn_cartpole.yaml"),
-                          OmegaConf.from_dotlist(["mode=train", "agent.video=false", *overrides]))
-    logger = RunLogger(OmegaConf.create({"backend": "none"}), tmp_path, {})
-    return DQN(cfg, RunContext(torch.device(device), DistInfo(), logger, tmp_path, 0)).to(device)
+    return _task(tmp_path, device, "gym", "dqn_cartpole", "agent.video=false", *overrides)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

@@ -70,7 +70,7 @@ def reference(hist: dict[str, list], t: int, e: int, n: int, gamma: float) -> tu
 
 
 def sampleable(buffer: ReplayBuffer, hist: dict[str, list], n: int) -> list[tuple[int, int]]:
-    lo, hi = buffer._range(n)
+    lo, hi = buffer.sample_range(n)
     return [(t, e) for t in range(lo, hi) for e in range(buffer.num_envs) if hist["real"][t][e]]
 
 

@@ -120,6 +120,7 @@ class DQN(Task):
         self.env_steps = 0
         self.updates = 0
         self.evaluator = Evaluator(cfg.env, cfg.agent, ctx.seed, ctx.logger)
+        self.act_graphs: dict[tuple[int, ...], tuple[torch.Tensor, GraphedStep]] = {}  # agent.cuda_graph
         if not self.learning_run:
             return
         self.env = make_env(cfg.env, a.num_envs, ctx.seed)
@@ -141,8 +142,6 @@ class DQN(Task):
                 print(f"[lab] agent.cuda_graph=true on {ctx.device}: no CUDA graphs there, the same steps run "
                       "eagerly", flush=True)
             self.bounds = torch.zeros(2, dtype=torch.long, device=device)  # the buffer's sample_range
-            self.act_in = torch.zeros((a.num_envs, *obs_space.shape), dtype=dtype, device=device)
-            self.graph_act = GraphedStep(self._act_step, device)
             self.graph_update: GraphedStep | None = None  # captured at the first update (it needs `optim`)
 
     # ---- trainer contract -------------------------------------------------------------------------
@@ -185,7 +184,7 @@ class DQN(Task):
             elif act_obs is None:
                 greedy = None
             else:
-                greedy = self.graphed_greedy(act_obs) if self.graphed else self.greedy(act_obs)
+                greedy = self.greedy(act_obs)
             if greedy is not None:
                 actions = np.where(explore, actions, greedy)
             self._send(actions)  # AtariVectorEnv steps in its C++ threads during the backward passes
@@ -236,6 +235,9 @@ class DQN(Task):
 
     @torch.no_grad()
     def greedy(self, obs: np.ndarray) -> np.ndarray:
+        """The greedy actions for a batch of observations (with agent.cuda_graph: replayed from a graph)."""
+        if self.graphed:
+            return self.graphed_greedy(obs)
         device = next(self.q.parameters()).device
         return self.q(torch.as_tensor(obs, device=device)).argmax(1).cpu().numpy()
 
@@ -287,12 +289,19 @@ class DQN(Task):
         return loss.detach(), q
 
     def graphed_greedy(self, obs: np.ndarray) -> np.ndarray:
-        self.act_in.copy_(torch.as_tensor(obs))
-        return self.graph_act().cpu().numpy()
+        """The acting forward replayed from a graph: one per batch shape (training's envs, evaluation's)."""
+        shape = tuple(obs.shape)
+        if shape not in self.act_graphs:
+            device = next(self.q.parameters()).device
+            static_in = torch.as_tensor(obs, device=device).clone()  # the graph's input, filled before each replay
+            self.act_graphs[shape] = (static_in, GraphedStep(lambda: self._greedy_q(static_in), device))
+        static_in, step = self.act_graphs[shape]
+        static_in.copy_(torch.as_tensor(obs))
+        return step().cpu().numpy()
 
     @torch.no_grad()
-    def _act_step(self) -> torch.Tensor:
-        return self.q(self.act_in).argmax(1)
+    def _greedy_q(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.q(obs).argmax(1)
 
     def _send(self, actions: np.ndarray) -> None:
         if hasattr(self.env, "send"):  # AtariVectorEnv: the C++ threads step while we learn

@@ -8,7 +8,8 @@ is saved as benchmarks/results/dqn_pong_gpu.json and .png, with the hardware. Mi
 whole training loop, evaluations included (`perf/elapsed_s`). Then the best checkpoint plays 10 new
 games through `mode=eval` (which also records their video). Refuses to run without CUDA: GPU
 figures are recorded only from a real GPU run. `--out DIR` also copies the record, the plot, the
-metrics, the log and the video there.
+metrics, the log and the video there. On a lent machine, `bash benchmarks/dqn_pong_gpu.sh MINUTES OUT`
+runs it after a smoke test of `agent.cuda_graph=true`, with graphs when that passed.
 """
 
 from __future__ import annotations

@@ -34,6 +34,37 @@ def run_lab(tmp_path: Path, *args: str, env: dict[str, str] | None = None, timeo
                           capture_output=True, text=True, timeout=timeout)
 
 
+# Runs `lab.cli.main(argv)` for each argv of a JSON list in one process; prints one JSON result line.
+_CASES = """
+import contextlib, io, json, sys, traceback
+from lab import cli
+results = []
+for argv in json.loads(sys.argv[1]):
+    err, code = io.StringIO(), 0
+    with contextlib.redirect_stderr(err):
+        try:
+            cli.main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results.append({"returncode": code, "stderr": err.getvalue()})
+print("LAB_CASES " + json.dumps(results))
+"""
+
+
+def run_lab_cases(tmp_path: Path, cases: list[list[str]], timeout: int = 240) -> list[subprocess.CompletedProcess]:
+    """Several `python -m lab ARGS...` that stop before training, run one after another in one process
+    (each process start imports torch and Hydra: seconds); each case's exit code and stderr."""
+    p = subprocess.run([sys.executable, "-c", _CASES, json.dumps(cases)], cwd=tmp_path, env=lab_env(tmp_path),
+                       capture_output=True, text=True, timeout=timeout)
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("LAB_CASES ")), None)
+    assert line is not None, p.stderr[-3000:]
+    return [subprocess.CompletedProcess(argv, r["returncode"], "", r["stderr"])
+            for argv, r in zip(cases, json.loads(line.removeprefix("LAB_CASES ")))]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

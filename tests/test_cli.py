@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import DATA, SMALL, lab_env, read_metrics, run_lab, without_perf
+from conftest import DATA, SMALL, lab_env, read_metrics, run_lab, run_lab_cases, without_perf
 
 
 def test_mnist_run_writes_everything_with_offline_wandb(tmp_path: Path) -> None:
@@ -109,17 +109,20 @@ def _fails_cleanly(p: subprocess.CompletedProcess, *needles: str) -> None:
 
 
 def test_no_or_unknown_experiment_lists_the_experiments(tmp_path: Path) -> None:
-    _fails_cleanly(run_lab(tmp_path), "No experiment chosen", "mnist_cnn")
-    _fails_cleanly(run_lab(tmp_path, "+experiment=nope"), "Unknown experiment: 'nope'", "mnist_cnn")
+    none, unknown = run_lab_cases(tmp_path, [[], ["+experiment=nope"]])
+    _fails_cleanly(none, "No experiment chosen", "mnist_cnn")
+    _fails_cleanly(unknown, "Unknown experiment: 'nope'", "mnist_cnn")
 
 
 def test_bad_config_values_are_refused_before_anything_runs(tmp_path: Path) -> None:
-    for arg, needle in [("trainer.precision=fp8", "trainer.precision"), ("trainer.device=tpu", "trainer.device"),
-                        ("trainer.max_steps=-3", "trainer.max_steps"), ("data.name=imagenet", "unknown data set"),
-                        ("optimizer.lr=-1", "cannot build the optimizer"), ("data.batch_size=0", "batch size"),
-                        ("model._target_=vision.nope.Net", "cannot build the model")]:
-        run_dir = tmp_path / arg.replace("=", "_")
-        p = run_lab(tmp_path, *SMALL, "+experiment=mnist_cnn", arg, f"hydra.run.dir={run_dir}")
+    cases = [("trainer.precision=fp8", "trainer.precision"), ("trainer.device=tpu", "trainer.device"),
+             ("trainer.max_steps=-3", "trainer.max_steps"), ("data.name=imagenet", "unknown data set"),
+             ("optimizer.lr=-1", "cannot build the optimizer"), ("data.batch_size=0", "batch size"),
+             ("model._target_=vision.nope.Net", "cannot build the model")]
+    run_dirs = [tmp_path / arg.replace("=", "_") for arg, _ in cases]
+    results = run_lab_cases(tmp_path, [[*SMALL, "+experiment=mnist_cnn", arg, f"hydra.run.dir={run_dir}"]
+                                       for (arg, _), run_dir in zip(cases, run_dirs)])
+    for (_, needle), run_dir, p in zip(cases, run_dirs, results):
         _fails_cleanly(p, needle)
         assert not (run_dir / "checkpoints").exists()
 
@@ -128,14 +131,15 @@ def test_corrupt_or_incompatible_checkpoint_is_refused_and_kept(tmp_path: Path) 
     run_dir = tmp_path / "run"
     base = [*SMALL, "+experiment=mnist_cnn", f"hydra.run.dir={run_dir}"]
     assert run_lab(tmp_path, *base, "trainer.max_steps=10").returncode == 0
-    p = run_lab(tmp_path, *base, "trainer.max_steps=20", "resume=true", "model.hidden=64")
-    _fails_cleanly(p, "does not fit", "Resume with the configuration")
+    misfit, missing = run_lab_cases(tmp_path, [
+        [*base, "trainer.max_steps=20", "resume=true", "model.hidden=64"],
+        [*SMALL, "+experiment=mnist_cnn", "resume=true", f"hydra.run.dir={tmp_path / 'empty'}"]])
+    _fails_cleanly(misfit, "does not fit", "Resume with the configuration")
+    _fails_cleanly(missing, "no checkpoint at")
     last = run_dir / "checkpoints" / "last.pt"
     last.write_bytes(b"not a checkpoint")
     _fails_cleanly(run_lab(tmp_path, *base, "trainer.max_steps=20", "resume=true"), "corrupt")
     assert last.read_bytes() == b"not a checkpoint"
-    _fails_cleanly(run_lab(tmp_path, *SMALL, "+experiment=mnist_cnn", "resume=true",
-                           f"hydra.run.dir={tmp_path / 'empty'}"), "no checkpoint at")
 
 
 def test_ddp_two_gloo_processes_train_and_only_rank_0_writes(tmp_path: Path) -> None:

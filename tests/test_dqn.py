@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from agents.dqn import DQN
-from conftest import read_metrics, run_lab
+from conftest import read_metrics, run_lab, run_lab_cases
 from lab.cuda_graph import GraphedStep
 from lab.distributed import DistInfo
 from lab.errors import LabError
@@ -83,8 +83,8 @@ def test_bad_agent_settings_are_refused(tmp_path: Path) -> None:
         ("+experiment=dqn_cartpole", "mode=eval"): "mode=eval needs checkpoint=PATH",
         ("+experiment=dqn_cartpole", "mode=eval", "checkpoint=nope.pt"): "does not exist",
     }
-    for args, message in cases.items():
-        r = run_lab(tmp_path, *QUIET, *args)
+    results = run_lab_cases(tmp_path, [[*QUIET, *args] for args in cases])
+    for (args, message), r in zip(cases.items(), results):
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-2000:])
         assert "Traceback" not in r.stderr
 
@@ -136,7 +136,8 @@ def _cartpole_task(tmp_path: Path, device: str, *overrides: str) -> DQN:
 def test_cuda_graph_steps_learn_from_new_samples_each_update(tmp_path: Path, device: str) -> None:
     """agent.cuda_graph: acting and updating through GraphedStep (on a CPU the same steps run eagerly).
     Each update draws a new batch from the buffer's current range and moves the weights; outputs are
-    copies that the next replay does not overwrite; the greedy actions are those of the eager forward."""
+    copies that the next replay does not overwrite; the greedy actions are those of the eager forward,
+    from one acting graph per batch shape."""
     from lab.trainer import Optimizers
 
     torch.manual_seed(0)
@@ -158,8 +159,11 @@ def test_cuda_graph_steps_learn_from_new_samples_each_update(tmp_path: Path, dev
     assert any(not torch.equal(b, p) for b, p in zip(before, task.q.parameters()))
     lo, hi = task.buffer.sample_range(task.a.n_step)
     assert task.bounds.tolist() == [lo, hi - 1]  # filled before the last update, one vector step ago
-    obs = task.obs
-    assert (task.graphed_greedy(obs) == task.greedy(obs)).all()
+    with torch.no_grad():  # acting (training's 4 envs, evaluation's 10): one graph per batch shape, eager's actions
+        for obs in (task.obs, np.concatenate([task.obs] * 3)[:10]):
+            eager = task.q(torch.as_tensor(obs, device=device)).argmax(1).cpu().numpy()
+            assert (task.graphed_greedy(obs) == eager).all() and (task.greedy(obs) == eager).all()
+    assert sorted(task.act_graphs) == [(4, 4), (10, 4)]
     # Replays draw new random numbers (a graph that replayed the same batch would still move the weights)
     generator = None if device == "cuda" else task.generator
     draw = GraphedStep(lambda: task.buffer.sample(64, 1, 0.99, generator, task.bounds)["obs"], torch.device(device))

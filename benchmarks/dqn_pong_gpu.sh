@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The whole GPU check of `dqn_pong` as one prepared command, for a lent machine whose minutes are few:
+#
+#     bash benchmarks/dqn_pong_gpu.sh MINUTES OUT_DIR [lab overrides ...]
+#
+# 1. Packages the machine's image lacks come from wheels in .whl/ (git-ignored; build them for its
+#    Python with `pip download --only-binary=:all: --python-version 3.12 ...`) into /tmp/site.
+# 2. A smoke run (30k env steps, at most SMOKE_SECONDS=180) with agent.cuda_graph=true: if it finishes, the
+#    main run uses CUDA graphs, else it runs eagerly and the smoke run's log says why.
+# 3. benchmarks/dqn_pong_gpu.py for MINUTES (learning curve, best agent's 10 games, video) into OUT_DIR.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+minutes=${1:?minutes of training}
+out=${2:?output folder}
+shift 2
+mkdir -p "$out"
+if ! python3 -c "import hydra, gymnasium, ale_py" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "error: hydra, gymnasium or ale-py missing and no wheels in .whl/ to install" >&2; exit 2; }
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1 MPLCONFIGDIR="${MPLCONFIGDIR:-/tmp/mpl}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+
+graph=false
+t0=$(date +%s)
+if timeout "${SMOKE_SECONDS:-180}" python3 -m lab +experiment=dqn_pong logger=none trainer.progress=false agent.cuda_graph=true \
+    agent.total_timesteps=30000 agent.learning_starts=5000 agent.log_every=5000 agent.eval_episodes=1 \
+    agent.eval_num_envs=1 agent.video=false hydra.run.dir=/tmp/smoke_cuda_graph > "$out/smoke_cuda_graph.log" 2>&1; then
+  graph=true
+fi
+echo "cuda_graph smoke run: $([ $graph = true ] && echo passed || echo FAILED) in $(( $(date +%s) - t0 )) s;" \
+  "the main run uses agent.cuda_graph=$graph"
+grep -h '"perf/steps_per_sec"' /tmp/smoke_cuda_graph/metrics.jsonl 2>/dev/null | tail -n 2 > "$out/smoke_cuda_graph_perf.jsonl"
+tail -n 5 "$out/smoke_cuda_graph.log"
+
+python3 benchmarks/dqn_pong_gpu.py --minutes "$minutes" --out "$out" logger=none "agent.cuda_graph=$graph" "$@"

@@ -24,6 +24,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 
 graph=false
 t0=$(date +%s)
+rm -rf /tmp/smoke_cuda_graph
 if timeout "${SMOKE_SECONDS:-180}" python3 -m lab +experiment=dqn_pong logger=none trainer.progress=false agent.cuda_graph=true \
     agent.total_timesteps=30000 agent.learning_starts=5000 agent.log_every=5000 agent.eval_episodes=1 \
     agent.eval_num_envs=1 agent.video=false hydra.run.dir=/tmp/smoke_cuda_graph > "$out/smoke_cuda_graph.log" 2>&1; then

@@ -3,8 +3,14 @@
 #
 #     bash benchmarks/dqn_pong_gpu.sh MINUTES OUT_DIR [lab overrides ...]
 #
-# 1. Packages the machine's image lacks come from wheels in .whl/ (git-ignored; build them for its
-#    Python with `pip download --only-binary=:all: --python-version 3.12 ...`) into /tmp/site.
+# 1. Packages the machine's image lacks come from wheels in .whl/ (git-ignored) into /tmp/site. The
+#    H200 image of 2026-11-27 had Python 3.12, torch 2.11 and numpy, not the rest; fill .whl/ with
+#      python3.12 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#        --platform manylinux_2_28_x86_64 -d .whl ale-py==0.12.1 gymnasium==1.4.0 hydra-core==1.3.8 \
+#        omegaconf==2.3.1 farama-notifications==0.0.6
+#      python3.12 -m pip download ... (the same) --platform manylinux2014_x86_64 -d .whl imageio-ffmpeg==0.6.0
+#      python3.12 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3   # sdist only on PyPI
+#    and pass carry [".whl"] to the device tool (64 MiB in all: imageio-ffmpeg 0.8 alone is 68 MB).
 # 2. A smoke run (30k env steps, at most SMOKE_SECONDS=180) with agent.cuda_graph=true: if it finishes, the
 #    main run uses CUDA graphs, else it runs eagerly and the smoke run's log says why.
 # 3. benchmarks/dqn_pong_gpu.py for MINUTES (learning curve, best agent's 10 games, video) into OUT_DIR.

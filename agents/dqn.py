@@ -314,7 +314,7 @@ class DQN(Task):
     def get_extra_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"env_steps": self.env_steps, "updates": self.updates,
                                  "evaluations": self.evaluator.count, "rng": self.rng.bit_generator.state}
-        if self.learning_run and self.a.save_replay:
+        if self.learning_run and self.a.save_replay and not self.snapshot_only:  # best.pt: weights, no replay
             state["buffer"] = self.buffer.state_dict()
         return state
 

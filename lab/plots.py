@@ -24,18 +24,21 @@ def read_metrics(path: str | Path) -> list[dict]:
     return rows
 
 
-def plot_curves(path: str | Path):
-    """One panel per metric name, `train/x` and `eval/x` drawn together against `step`."""
+def plot_curves(path: str | Path, x: str = "step"):
+    """One panel per metric name, `train/x` and `eval/x` drawn together against `x` (a task's step
+    metric: an agent's `env_steps`). Timings (`perf/`) are left to W&B and the run report."""
     series: dict[str, dict[str, tuple[list, list]]] = defaultdict(dict)
     for row in read_metrics(path):
+        if x not in row:
+            continue
         for key, value in row.items():
             if "/" not in key or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
-            if not math.isfinite(value) or key in ("train/epoch",):
+            if not math.isfinite(value) or key in ("train/epoch",) or key.startswith("perf/"):
                 continue
             split, name = key.split("/", 1)
             xs, ys = series[name].setdefault(split, ([], []))
-            xs.append(row["step"])
+            xs.append(row[x])
             ys.append(value)
     if not series:
         return None
@@ -47,7 +50,7 @@ def plot_curves(path: str | Path):
         for split, (xs, ys) in sorted(series[name].items()):
             ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, label=split)
         ax.set_title(name)
-        ax.set_xlabel("step")
+        ax.set_xlabel(x)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(names):]:

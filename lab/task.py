@@ -50,6 +50,9 @@ class Task(nn.Module):
     main_metric: str | None = None  # e.g. "eval/accuracy": chooses best.pt and the sweep objective
     main_mode: str = "max"  # or "min"
     step_metric: str = "step"  # the x-axis of this task's charts in W&B (an agent's: "env_steps")
+    # True while the trainer writes best.pt, a snapshot of the evaluated task that runs resume from no
+    # checkpoint of: `get_extra_state` may leave out large resume-only state (an agent's replay buffer).
+    snapshot_only: bool = False
 
     def __init__(self, cfg: DictConfig, ctx: RunContext):
         super().__init__()

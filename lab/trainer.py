@@ -373,7 +373,11 @@ class Trainer:
                 old = self.best.get("value")
                 if old is None or (value > old if mode == "max" else value < old):
                     self.best = {"metric": name, "value": value, "step": self.logger.step}
-                    self._save("best.pt", self._state(task, optim, snapshot()))
+                    task.snapshot_only = True
+                    try:
+                        self._save("best.pt", self._state(task, optim, snapshot()))
+                    finally:
+                        task.snapshot_only = False
                 target = self.cfg.get("stop_at")
                 if target is not None and (value >= target if mode == "max" else value <= target):
                     self.target_reached = True
@@ -439,7 +443,7 @@ class Trainer:
             from lab.plots import plot_curves
 
             try:
-                fig = plot_curves(self.logger.metrics_path)
+                fig = plot_curves(self.logger.metrics_path, x=task.step_metric)
                 if fig is not None:
                     self.logger.log_image("curves", fig)
             except Exception as e:  # noqa: BLE001 - a plot must never cost the run's results

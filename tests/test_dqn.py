@@ -75,6 +75,22 @@ def test_short_pong_run_then_eval_mode_then_resume(tmp_path: Path) -> None:
     assert resumed and resumed[0]["env_steps"] >= 1200  # no update until 400 new transitions were stored
 
 
+def test_save_replay_puts_the_buffer_in_last_pt_not_best_pt_and_resume_restores_it(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = [*QUIET, "+experiment=dqn_cartpole", "agent.video=false", "agent.learning_starts=256",
+            "agent.gradient_steps=4", "agent.eval_every=512", "agent.eval_episodes=1", "agent.eval_num_envs=1",
+            "agent.save_replay=true", f"hydra.run.dir={run}"]
+    r = run_lab(tmp_path, *args, "agent.total_timesteps=1024")
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["task"]["_extra_state"]
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["task"]["_extra_state"]
+    assert last["buffer"]["written"] == 1024 // 4 and "buffer" not in best  # 4 envs: 256 time steps
+    r = run_lab(tmp_path, *args, "agent.total_timesteps=1536", "resume=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "replay buffer restored: 1,024 transitions" in r.stdout and "refilling" not in r.stdout
+    assert read_metrics(run)[-1]["env_steps"] == 1536
+
+
 def test_bad_agent_settings_are_refused(tmp_path: Path) -> None:
     cases = {
         ("+experiment=dqn_cartpole", "agent.train_frequency=6"): "must be a multiple of agent.num_envs",

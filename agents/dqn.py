@@ -275,12 +275,15 @@ class DQN(Task):
     # ---- agent.cuda_graph: the update and the acting forward replayed as CUDA graphs -------------------
     def graphed_update(self, optim: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """One update (sample, TD loss, backward, Adam step) replayed from its graph; (loss, mean Q)."""
-        if self.graph_update is None:
+        first = self.graph_update is None
+        if first:
             self.graph_update = GraphedStep(lambda: self._update_step(optim), self.bounds.device)
         lo, hi = self.buffer.sample_range(self.a.n_step)
         self.bounds[0].fill_(lo)
         self.bounds[1].fill_(hi)
         loss, q = self.graph_update()
+        if first:  # the capture's warm-up runs were updates too (Adam steps on new samples): count them
+            self.updates += self.graph_update.warmup_runs
         return loss.clone(), q.clone()  # the next replay rewrites the graph's outputs
 
     def _update_step(self, optim: Any) -> tuple[torch.Tensor, torch.Tensor]:

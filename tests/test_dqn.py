@@ -169,7 +169,10 @@ def test_cuda_graph_steps_learn_from_new_samples_each_update(tmp_path: Path, dev
     for _ in range(8):
         out = task.training_step(None, optim)
         losses.append(out["loss"])
-    assert task.updates == 8  # (on CUDA the capture's warm-up also stepped Adam 3 times, uncounted)
+    warmup = task.graph_update.warmup_runs
+    assert warmup == (3 if device == "cuda" else 0)
+    assert task.updates == 8 + warmup  # on CUDA the capture's 3 warm-up runs stepped Adam too
+    assert optim.named["q"][0].state[task.q.advantage[0].weight]["step"].item() == task.updates
     assert len({round(float(v), 6) for v in losses}) == 8  # a new batch every update, kept apart
     assert all(torch.isfinite(v) for v in losses)
     assert any(not torch.equal(b, p) for b, p in zip(before, task.q.parameters()))

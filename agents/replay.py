@@ -42,6 +42,7 @@ class ReplayBuffer:
         self.first = torch.zeros(shape, dtype=torch.bool, **kw)
         self.real = torch.zeros(shape, dtype=torch.bool, **kw)
         self.written = 0  # time steps written so far (slot = written % slots)
+        self.pack_steps = self.device.type != "cpu"  # add(): one host-to-device copy per step
 
     # add()'s packing order: 4-byte fields (and float frames) before 1-byte ones
     _PACKED = ("actions", "rewards", "frames", "terminated", "truncated", "first", "real")
@@ -62,13 +63,19 @@ class ReplayBuffer:
             first: Any, real: Any) -> None:
         """Record one vector step: the observation acted on (its newest frame is kept) and what followed.
 
-        The step's fields travel packed as bytes in one host-to-device copy (each copy from pageable
-        memory waits for the GPU: one wait per step, not seven) and are unpacked on the buffer's device."""
+        On a GPU the step's fields travel packed as bytes in one host-to-device copy (each copy from
+        pageable memory waits for the GPU: one wait per step, not seven) and are unpacked there; a buffer
+        in host memory takes each field directly."""
         t = self.written % self.slots
         obs = torch.as_tensor(obs)
         host = {"frames": obs[:, -1] if self.stack > 1 else obs, "actions": action, "rewards": reward,
                 "terminated": terminated, "truncated": truncated, "first": first, "real": real}
         dst = {k: getattr(self, k)[t] for k in self._PACKED}
+        if not self.pack_steps:
+            for k in self._PACKED:
+                dst[k].copy_(torch.as_tensor(host[k]).reshape(dst[k].shape))
+            self.written += 1
+            return
         parts = [torch.as_tensor(host[k]).to(dst[k].dtype).reshape(-1).view(torch.uint8) for k in self._PACKED]
         packed = torch.cat(parts).to(self.device, non_blocking=True)
         offset = 0

@@ -160,3 +160,21 @@ def test_state_round_trip_and_cut():
     assert not copy.real[last].any() and copy.truncated[before].all()
     with pytest.raises(LabError, match="same agent.buffer_size"):
         ReplayBuffer(2 * 60, 2, (4, 3, 3), torch.uint8, stack=4).load_state_dict(buffer.state_dict())
+
+
+@pytest.mark.parametrize("shape, dtype, stack", [((4, 3, 3), torch.uint8, 4), ((4,), torch.float32, 1)])
+def test_packed_and_direct_adds_store_the_same(shape, dtype, stack):
+    """add() packs a step into one host-to-device copy for a GPU buffer and copies each field directly
+    into a host one: both store the same (the packed path runs here on the CPU too)."""
+    rng = np.random.default_rng(0)
+    direct, packed = (ReplayBuffer(40, 2, shape, dtype, stack) for _ in range(2))
+    packed.pack_steps = True
+    assert not direct.pack_steps
+    for _ in range(30):  # past the ring's 20 slots
+        obs = rng.integers(0, 256, (2, *shape)).astype(np.uint8 if dtype == torch.uint8 else np.float64)
+        step = (obs, rng.integers(0, 6, 2), rng.normal(size=2), rng.random(2) < 0.3, rng.random(2) < 0.1,
+                rng.random(2) < 0.2, rng.random(2) < 0.9)
+        direct.add(*step)
+        packed.add(*step)
+    for k, v in direct.state_dict().items():
+        assert torch.equal(v, packed.state_dict()[k]) if isinstance(v, torch.Tensor) else v == packed.state_dict()[k], k

@@ -238,8 +238,7 @@ class DQN(Task):
         """The greedy actions for a batch of observations (with agent.cuda_graph: replayed from a graph)."""
         if self.graphed:
             return self.graphed_greedy(obs)
-        device = next(self.q.parameters()).device
-        return self.q(torch.as_tensor(obs, device=device)).argmax(1).cpu().numpy()
+        return self._greedy_q(torch.as_tensor(obs, device=next(self.q.parameters()).device)).cpu().numpy()
 
     def act(self, obs: np.ndarray, epsilon: float) -> np.ndarray:
         """Epsilon-greedy actions for a batch of observations (no forward pass when all are random)."""

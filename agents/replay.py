@@ -71,18 +71,17 @@ class ReplayBuffer:
         host = {"frames": obs[:, -1] if self.stack > 1 else obs, "actions": action, "rewards": reward,
                 "terminated": terminated, "truncated": truncated, "first": first, "real": real}
         dst = {k: getattr(self, k)[t] for k in self._PACKED}
-        if not self.pack_steps:
+        if self.pack_steps:
+            parts = [torch.as_tensor(host[k]).to(dst[k].dtype).reshape(-1).view(torch.uint8) for k in self._PACKED]
+            packed = torch.cat(parts).to(self.device, non_blocking=True)
+            offset = 0
+            for k in self._PACKED:  # 4-byte fields first: every view below starts on a multiple of its item size
+                n = dst[k].numel() * dst[k].element_size()
+                dst[k].copy_(packed[offset:offset + n].view(dst[k].dtype).view(dst[k].shape))
+                offset += n
+        else:
             for k in self._PACKED:
                 dst[k].copy_(torch.as_tensor(host[k]).reshape(dst[k].shape))
-            self.written += 1
-            return
-        parts = [torch.as_tensor(host[k]).to(dst[k].dtype).reshape(-1).view(torch.uint8) for k in self._PACKED]
-        packed = torch.cat(parts).to(self.device, non_blocking=True)
-        offset = 0
-        for k in self._PACKED:  # 4-byte fields first: every view below starts on a multiple of its item size
-            n = dst[k].numel() * dst[k].element_size()
-            dst[k].copy_(packed[offset:offset + n].view(dst[k].dtype).view(dst[k].shape))
-            offset += n
         self.written += 1
 
     def can_sample(self, n_step: int) -> bool:

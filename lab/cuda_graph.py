@@ -22,9 +22,13 @@ class GraphedStep:
 
     def __init__(self, fn: Callable[[], Any], device: torch.device, warmup: int = 3):
         self.fn, self.device, self.warmup = fn, device, warmup
-        self.warmup_runs = 0  # how many times the capture ran `fn` before replaying (0 off CUDA)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: Any = None
+
+    @property
+    def warmup_runs(self) -> int:
+        """How many times the capture ran `fn` before replaying it (0 until captured, and off CUDA)."""
+        return self.warmup if self.graph is not None else 0
 
     def __call__(self) -> Any:
         if self.device.type != "cuda":
@@ -35,7 +39,6 @@ class GraphedStep:
             with torch.cuda.stream(side):
                 for _ in range(self.warmup):
                     self.fn()
-                    self.warmup_runs += 1
             torch.cuda.current_stream(self.device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):

@@ -145,6 +145,10 @@ def hydra_main(cfg: DictConfig) -> float | None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `python -m lab` and the `lab` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not (CONF_DIR / "config.yaml").is_file():  # a non-editable install copies the packages, not conf/
+        print(f"error: the lab's configs are not at {CONF_DIR}. Run it from a clone: `make run`, or "
+              "`pip install -e .` in the clone (an editable install keeps conf/ next to the code).", file=sys.stderr)
+        sys.exit(2)
     if argv[:1] == ["report"]:  # python -m lab report RUN_OR_SWEEP_DIR...
         from lab import report
 

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import DATA, SMALL, lab_env, read_metrics, run_lab, run_lab_cases, without_perf
@@ -112,6 +113,17 @@ def test_no_or_unknown_experiment_lists_the_experiments(tmp_path: Path) -> None:
     none, unknown = run_lab_cases(tmp_path, [[], ["+experiment=nope"]])
     _fails_cleanly(none, "No experiment chosen", "mnist_cnn")
     _fails_cleanly(unknown, "Unknown experiment: 'nope'", "mnist_cnn")
+
+
+def test_missing_conf_dir_says_how_to_install(tmp_path: Path, monkeypatch, capsys) -> None:
+    from lab import cli
+
+    monkeypatch.setattr(cli, "CONF_DIR", tmp_path / "conf")
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["+experiment=mnist_cnn"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "conf") in err and "pip install -e ." in err, err
 
 
 def test_bad_config_values_are_refused_before_anything_runs(tmp_path: Path) -> None:

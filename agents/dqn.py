@@ -100,16 +100,19 @@ class DQN(Task):
                            f"multiple of agent.num_envs={a.num_envs}")
         if a.n_step < 1 or not 0 < a.gamma <= 1 or not 0 < a.tau <= 1:
             raise LabError("agent.n_step must be >= 1, agent.gamma and agent.tau in (0, 1]")
+        if a.eval_episodes < 1 or a.eval_num_envs < 1:
+            raise LabError(f"agent.eval_episodes={a.eval_episodes} and agent.eval_num_envs={a.eval_num_envs} "
+                           "must be >= 1 (every run ends with an evaluation)")
         self.graphed = bool(a.cuda_graph)
         if self.graphed and cfg.trainer.get("compile"):
             raise LabError("agent.cuda_graph=true and trainer.compile=true: choose one (set trainer.compile=false)")
         if self.graphed and str(cfg.trainer.get("precision")) != "32":
             raise LabError(f"agent.cuda_graph=true needs trainer.precision=32 (it is {cfg.trainer.get('precision')}): "
                            "autocast's weight cache cannot be captured")
-        self.atari = is_atari(str(cfg.env.id))
-        self.frameskip = int(cfg.env.frameskip) if self.atari else 1
         self.learning_run = cfg.get("mode", "train") == "train"  # mode=eval builds no envs or buffer
         probe = make_env(cfg.env, 1, ctx.seed)
+        self.atari = is_atari(str(cfg.env.id))
+        self.frameskip = int(cfg.env.frameskip) if self.atari else 1
         obs_space, self.n_actions = probe.single_observation_space, int(probe.single_action_space.n)
         probe.close()
         if not isinstance(obs_space, gym.spaces.Box):
@@ -124,13 +127,14 @@ class DQN(Task):
         if not self.learning_run:
             return
         self.env = make_env(cfg.env, a.num_envs, ctx.seed)
-        self.obs, info = self.env.reset(seed=ctx.seed)
-        self.lives = info.get("lives")
-        self.first = np.ones(a.num_envs, bool)  # the observation starts an episode
-        self.tracker = EpisodeTracker(a.num_envs)
+        self.start_episodes(ctx.seed)
         device = ctx.device if a.buffer_device == "auto" else torch.device(a.buffer_device)
         dtype = torch.uint8 if obs_space.dtype == np.uint8 else torch.float32
         stack = obs_space.shape[0] if self.atari else 1
+        fewest = ReplayBuffer.min_slots(a.n_step, stack) * a.num_envs
+        if a.buffer_size < fewest:
+            raise LabError(f"agent.buffer_size={a.buffer_size} is too small to sample from with agent.n_step="
+                           f"{a.n_step} and agent.num_envs={a.num_envs}: raise it to at least {fewest}")
         self.buffer = ReplayBuffer(a.buffer_size, a.num_envs, obs_space.shape, dtype, stack, device)
         self.generator = torch.Generator(device=device).manual_seed(ctx.seed)
         self.refill_from = 0  # buffer.written when learning may (re)start: a resume without replay refills it
@@ -143,6 +147,13 @@ class DQN(Task):
                       "eagerly", flush=True)
             self.bounds = torch.zeros(2, dtype=torch.long, device=device)  # the buffer's sample_range
             self.graph_update: GraphedStep | None = None  # captured at the first update (it needs `optim`)
+
+    def start_episodes(self, seed: int) -> None:
+        """Reset the training envs with `seed`: every env starts a new episode."""
+        self.obs, info = self.env.reset(seed=seed)
+        self.lives = info.get("lives")
+        self.first = np.ones(self.a.num_envs, bool)  # the observation starts an episode
+        self.tracker = EpisodeTracker(self.a.num_envs)
 
     # ---- trainer contract -------------------------------------------------------------------------
     def optimizers(self, total_steps: int | None) -> dict[str, Any]:
@@ -213,16 +224,18 @@ class DQN(Task):
             self.first = ~real  # after an autoreset step the observation starts an episode
             self.obs = obs
             self.env_steps += n
-        if updates:
+        if updates:  # every target_update_interval env steps: target <- tau * online + (1 - tau) * target
             interval = a.target_update_interval
-            if (self.env_steps // interval) != ((self.env_steps - a.train_frequency) // interval):
-                torch._foreach_lerp_(list(self.q_target.parameters()), list(self.q.parameters()), a.tau)
+            crossed = self.env_steps // interval - (self.env_steps - a.train_frequency) // interval
+            if crossed:  # k Polyak steps at once (interval < train_frequency): 1 - (1 - tau)^k of the way
+                with torch.no_grad():
+                    torch._foreach_lerp_(list(self.q_target.parameters()), list(self.q.parameters()),
+                                         1 - (1 - a.tau) ** crossed)
         if losses:
             out["loss"] = torch.stack(losses).mean()
             out["q_mean"] = torch.stack(qs).mean()
         if returns:
-            out["episode_return"] = float(np.mean(returns))
-            out["episode_length"] = float(np.mean(lengths))
+            out["episode_return"], out["episode_length"] = returns, lengths  # logged as a mean over episodes
         return out
 
     def evaluate(self) -> dict[str, float]:
@@ -316,6 +329,8 @@ class DQN(Task):
     def get_extra_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"env_steps": self.env_steps, "updates": self.updates,
                                  "evaluations": self.evaluator.count, "rng": self.rng.bit_generator.state}
+        if self.learning_run:
+            state["replay_generator"] = self.generator.get_state()  # which transitions the updates draw
         if self.learning_run and self.a.save_replay and not self.snapshot_only:  # best.pt: weights, no replay
             state["buffer"] = self.buffer.state_dict()
         return state
@@ -326,6 +341,10 @@ class DQN(Task):
         self.rng.bit_generator.state = state["rng"]
         if not self.learning_run:
             return
+        if "replay_generator" in state:
+            self.generator.set_state(state["replay_generator"])
+        # The envs cannot be restored: they restart, on episodes seeded from the restored RNG (not the first run's).
+        self.start_episodes(int(self.rng.integers(2**31)))
         if "buffer" in state:
             self.buffer.load_state_dict(state["buffer"])
             self.buffer.cut()  # the envs restart: no transition may run from the saved steps into new ones

@@ -11,7 +11,6 @@ ends (Gymnasium's "next step" mode): that step ignores its action and returns th
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,15 +23,18 @@ from lab.errors import LabError
 
 
 def ale_game(env_id: str) -> str | None:
-    """The ROM name of an Atari id (`ALE/Pong-v5`, `PongNoFrameskip-v4`, `pong`), else None."""
-    m = re.fullmatch(r"ALE/(\w+)-v\d+|(\w+?)(?:NoFrameskip)?-v[04]", env_id)
-    if not m:
-        return None
-    name = m.group(1) or m.group(2)
-    import ale_py.roms
+    """The ROM of an Atari id with image observations (`ALE/Pong-v5`, `PongNoFrameskip-v4`,
+    `ALE/TicTacToe3D-v5`), read from Gymnasium's registry; None for any other id (RAM variants included)."""
+    import ale_py
 
-    rom = re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
-    return rom if rom in ale_py.roms.get_all_rom_ids() else None
+    gym.register_envs(ale_py)
+    try:
+        spec = gym.spec(env_id)
+    except gym.error.Error:
+        return None
+    if spec.entry_point != "ale_py.env:AtariEnv" or spec.kwargs.get("obs_type", "rgb") == "ram":
+        return None
+    return spec.kwargs.get("game")
 
 
 def is_atari(env_id: str) -> bool:
@@ -63,6 +65,9 @@ def make_env(cfg: DictConfig, num_envs: int, seed: int, render: bool = False,
     game = ale_game(env_id)
     mode = {} if autoreset_mode is None else {"autoreset_mode": autoreset_mode}
     if game is not None:
+        if "frameskip" not in cfg:  # e.g. dqn_cartpole's `env: gym` block with an Atari id
+            raise LabError(f"env.id={env_id!r} is an Atari game: add the Atari env settings, "
+                           f"env=atari env.id={env_id}")
         env = atari_vector_env(cfg, game, num_envs, **mode)
     else:
         if render:  # pygame draws off-screen, with no display or sound device
@@ -72,8 +77,10 @@ def make_env(cfg: DictConfig, num_envs: int, seed: int, render: bool = False,
             env = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode=str(cfg.get("vectorization", "sync")),
                                render_mode="rgb_array" if render else None, vector_kwargs=mode)
         except gym.error.Error as e:
-            raise LabError(f"env.id={env_id!r}: {e}. Use a Gymnasium id (CartPole-v1, LunarLander-v3) or an "
-                           "Atari one (ALE/Pong-v5, ALE/Breakout-v5, PongNoFrameskip-v4)") from None
+            problem = str(e).rstrip(".")
+            raise LabError(f"env.id={env_id!r}: {problem}{'' if problem.endswith('?') else '.'} Use a Gymnasium "
+                           "id (CartPole-v1, Acrobot-v1) or an Atari one (ALE/Pong-v5, ALE/Breakout-v5, "
+                           "PongNoFrameskip-v4)") from None
     if not isinstance(env.single_action_space, gym.spaces.Discrete):
         env.close()
         raise LabError(f"env.id={env_id!r} has {env.single_action_space} actions; DQN needs a Discrete action space")

@@ -89,10 +89,15 @@ class ReplayBuffer:
         return hi > lo
 
     def sample_range(self, n_step: int) -> tuple[int, int]:
-        """`sample` draws time steps t in [lo, hi): their stacks are intact and step t+n_step+1 is written
-        (one step of slack: an autoreset step moves to the next one)."""
+        """`sample` draws time steps t in [lo, hi): their stacks are intact and step t+n_step+2 is written
+        (two steps of slack: a step that is not real moves to the next one, at most twice)."""
         lo = max(0, self.written - self.slots + self.stack - 1)
-        return lo, self.written - n_step - 1
+        return lo, self.written - n_step - 2
+
+    @staticmethod
+    def min_slots(n_step: int, stack: int) -> int:
+        """The fewest time steps a full ring must hold for `sample_range` to be non-empty."""
+        return n_step + stack + 2
 
     def sample(self, batch_size: int, n_step: int, gamma: float, generator: torch.Generator | None = None,
                bounds: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -110,7 +115,10 @@ class ReplayBuffer:
             span = (bounds[1] - bounds[0]).clamp_min(1)
             t = bounds[0] + torch.minimum((torch.rand(batch_size, **kw) * span).long(), span - 1)
         env = torch.randint(0, self.num_envs, (batch_size,), **kw)
-        t = t + (~self.real[t % self.slots, env]).long()  # an autoreset step: take the episode's first step
+        # A step that is not real (an autoreset step) moves to the next one, the first of an episode; a second
+        # move happens only where cut() follows an autoreset step with another step that is not real.
+        for _ in range(2):
+            t = t + (~self.real[t % self.slots, env]).long()
         return self.transitions(t, env, n_step, gamma)
 
     def transitions(self, t: torch.Tensor, env: torch.Tensor, n_step: int, gamma: float) -> dict[str, torch.Tensor]:
@@ -147,7 +155,8 @@ class ReplayBuffer:
 
     def cut(self) -> None:
         """End every stored trajectory at the newest step whose next frame is known (after a restore,
-        the envs start afresh): the step before it bootstraps from it, and it is never sampled."""
+        the envs start afresh): the step before it bootstraps from it, and it is never sampled (where the
+        step before it was an autoreset step, `sample` moves past both)."""
         if self.written >= 2:
             self.real[(self.written - 1) % self.slots] = False
             self.truncated[(self.written - 2) % self.slots] = True

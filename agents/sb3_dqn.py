@@ -223,13 +223,13 @@ class SB3DQN(Task):
         super().__init__(cfg, ctx)
         check_config(cfg, ctx.dist.enabled)
         a = self.a = cfg.agent
-        self.atari = is_atari(str(cfg.env.id))
-        self.frameskip = int(cfg.env.frameskip) if self.atari else 1
         self.train_mode = cfg.get("mode", "train") == "train"
         # mode=eval builds the model only to load weights into: one env, no replay memory.
         n = int(a.num_envs) if self.train_mode else 1
         self.env = SB3VecEnv(make_same_step_env(cfg.env, n, ctx.seed), clip_rewards=bool(a.clip_rewards),
                              life_loss_done=bool(a.terminal_on_life_loss))
+        self.atari = is_atari(str(cfg.env.id))
+        self.frameskip = int(cfg.env.frameskip) if self.atari else 1
         if self.train_mode:
             check_replay_memory(int(a.buffer_size), self.env.observation_space)
         pixels = len(self.env.observation_space.shape) == 3
@@ -283,8 +283,8 @@ class SB3DQN(Task):
             self.chunks.losses.clear()
         episodes = self.env.pop_episodes()
         if episodes:
-            out["episode_return"] = float(np.mean([r for r, _ in episodes]))
-            out["episode_length"] = float(np.mean([n for _, n in episodes]))
+            out["episode_return"] = [float(r) for r, _ in episodes]  # logged as a mean over episodes
+            out["episode_length"] = [float(n) for _, n in episodes]
         return out
 
     def evaluate(self) -> dict[str, float]:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pickle
 import random
-import zipfile
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +24,15 @@ def save(path: str | Path, state: dict[str, Any]) -> None:
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint without executing code from it; unreadable files raise `LabError`."""
     path = Path(path)
+    if path.is_dir():
+        raise LabError(f"checkpoint {path} is a directory; pass a checkpoint file (a run's checkpoints/last.pt)")
     if not path.is_file():
         raise LabError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # noqa: BLE001 - any unreadable file (a text file's bytes raise KeyError, IndexError, ...)
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch colours its weights_only advice
+        first = text.splitlines()[0] if text else type(e).__name__
         raise LabError(
             f"checkpoint {path} is corrupt or not a lab checkpoint ({first}). "
             "Delete or move it to start afresh, or point `checkpoint=`/`hydra.run.dir=` at a good one."

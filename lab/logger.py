@@ -99,6 +99,8 @@ class RunLogger:
     def _start_wandb(self, run_id: str | None) -> None:
         import wandb
 
+        # wandb takes the lab's `agents` package for the LLM SDK of that name and suggests Weave tracing
+        os.environ.setdefault("WANDB_DISABLE_WEAVE", "true")
         mode = os.environ.get("WANDB_MODE") or self.cfg.get("mode")
         if not mode:
             mode = "online" if wandb_key_configured() else "offline"

@@ -67,7 +67,8 @@ class Task(nn.Module):
         raise NotImplementedError
 
     def training_step(self, batch: Any, optim: Optim) -> dict[str, Any]:
-        """One step; returns scalars to log under `train/` (tensors are fine: no sync needed)."""
+        """One step; returns scalars to log under `train/` (tensors are fine: no sync needed). A list holds
+        several samples of a metric (e.g. the returns of the episodes that ended): the log averages them all."""
         raise NotImplementedError
 
     def evaluate(self) -> dict[str, float]:

@@ -300,9 +300,12 @@ class Trainer:
                     bar.update(1)
                     for k, v in {**(out or {}), **{f"grad_norm_{k}" if len(optim.named) > 1 else "grad_norm": v
                                                    for k, v in optim.grad_norms.items()}}.items():
-                        v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+                        if isinstance(v, list):  # several samples (the episodes that ended this step): each counts
+                            v, n = torch.tensor(v, dtype=torch.float32).sum(), len(v)
+                        else:
+                            v, n = (v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))), 1
                         window[k] = window[k] + v if k in window else v
-                        counts[k] = counts.get(k, 0) + 1
+                        counts[k] = counts.get(k, 0) + n
                     n_window += 1
                     samples_window += (task.samples_in(batch) or 0) * self.dist.world_size
 
@@ -388,7 +391,8 @@ class Trainer:
     def _load_task(self, task: Task, path: Path) -> dict[str, Any]:
         """Put a checkpoint's task state into `task` on this run's device (mode=eval, mode=generate)."""
         if not path.is_file():
-            raise LabError(f"checkpoint={path} does not exist; pass a run's checkpoints/best.pt or last.pt")
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise LabError(f"checkpoint={path} {what}; pass a run's checkpoints/best.pt or last.pt")
         task.to(self.device)
         if self.cfg.get("channels_last"):
             task.to(memory_format=torch.channels_last)

@@ -45,6 +45,16 @@ def test_load_refuses_code_and_garbage(tmp_path: Path) -> None:
         checkpoint.load(path)
     with pytest.raises(LabError, match="no checkpoint"):
         checkpoint.load(tmp_path / "missing.pt")
+    with pytest.raises(LabError, match="is a directory"):
+        checkpoint.load(tmp_path)
+    for garbage in (b"hello\n", b"12345678", b"experiment: x\n"):  # text files: KeyError, IndexError inside torch
+        path.write_bytes(garbage)
+        with pytest.raises(LabError, match="corrupt or not a lab checkpoint"):
+            checkpoint.load(path)
+    torch.save(torch.nn.Linear(2, 2), path)  # a pickled module: torch's advice comes coloured
+    with pytest.raises(LabError, match="corrupt") as refused:
+        checkpoint.load(path)
+    assert "\x1b" not in str(refused.value)
 
 
 def test_rng_state_round_trip_through_a_file(tmp_path: Path) -> None:

@@ -98,11 +98,22 @@ def test_bad_agent_settings_are_refused(tmp_path: Path) -> None:
         ("+experiment=dqn_cartpole", "agent.train_frequency=0"): "ceil_div needs",
         ("+experiment=dqn_cartpole", "mode=eval"): "mode=eval needs checkpoint=PATH",
         ("+experiment=dqn_cartpole", "mode=eval", "checkpoint=nope.pt"): "does not exist",
+        ("+experiment=dqn_cartpole", "agent.buffer_size=12"): "raise it to at least 16",
+        ("+experiment=dqn_cartpole", "agent.eval_episodes=0"): "must be >= 1",
+        ("+experiment=dqn_cartpole", "env.id=ALE/Pong-v5"): "env=atari env.id=ALE/Pong-v5",
     }
     results = run_lab_cases(tmp_path, [[*QUIET, *args] for args in cases])
     for (args, message), r in zip(cases.items(), results):
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-2000:])
         assert "Traceback" not in r.stderr
+
+
+def test_atari_ids_map_to_their_roms_through_gymnasiums_registry() -> None:
+    from agents.envs import ale_game
+
+    assert [ale_game(i) for i in ("ALE/Pong-v5", "PongNoFrameskip-v4", "ALE/TicTacToe3D-v5")] == [
+        "pong", "pong", "tic_tac_toe_3d"]
+    assert all(ale_game(i) is None for i in ("ALE/Pong-ram-v5", "CartPole-v1", "pong", "NoSuchEnv-v0"))
 
 
 def _task(tmp_path: Path, device: str, env: str, experiment: str, *overrides: str) -> DQN:
@@ -145,6 +156,47 @@ def test_the_update_forward_also_acts_and_frames_scale_in_the_compute_dtype(tmp_
 
 def _cartpole_task(tmp_path: Path, device: str, *overrides: str) -> DQN:
     return _task(tmp_path, device, "gym", "dqn_cartpole", "agent.video=false", *overrides)
+
+
+@pytest.mark.parametrize("tau, interval", [(1.0, 100), (0.3, 2)])
+def test_target_updates_follow_the_schedule_outside_autograd(tmp_path: Path, tau: float, interval: int) -> None:
+    """Every target_update_interval env steps: target <- tau * online + (1 - tau) * target, k times at once when
+    an iteration (train_frequency env steps) crosses k intervals; the target never joins the autograd graph."""
+    from lab.trainer import Optimizers
+
+    task = _cartpole_task(tmp_path, "cpu", "agent.learning_starts=64", "agent.train_frequency=8",
+                          "agent.gradient_steps=1", "agent.num_envs=4", "agent.batch_size=8", f"agent.tau={tau}",
+                          f"agent.target_update_interval={interval}")
+    optim = Optimizers(task.optimizers(None), torch.device("cpu"), "32", None)
+    while task.env_steps < 64:
+        task.training_step(None, optim)
+    for _ in range(30):
+        old = [p.clone() for p in task.q_target.parameters()]
+        steps = task.env_steps
+        task.training_step(None, optim)
+        k = task.env_steps // interval - steps // interval
+        w = 1 - (1 - tau) ** k
+        for t, o, p in zip(task.q_target.parameters(), old, task.q.parameters()):
+            torch.testing.assert_close(t, o + w * (p.detach() - o))
+            assert not t.requires_grad and t.grad_fn is None
+    assert task.updates == 30
+    task.close()
+
+
+def test_resume_restores_the_replay_generator_and_restarts_envs_on_new_seeds(tmp_path: Path) -> None:
+    task = _cartpole_task(tmp_path, "cpu", "agent.learning_starts=10000")
+    for _ in range(4):  # random play, no updates
+        task.training_step(None, None)
+    task.generator.manual_seed(7)  # as if updates had drawn from it
+    state = task.get_extra_state()
+    resumed = _cartpole_task(tmp_path, "cpu", "agent.learning_starts=10000")
+    fresh_obs = resumed.obs.copy()
+    resumed.set_extra_state(state)
+    assert torch.equal(resumed.generator.get_state(), task.generator.get_state())
+    assert resumed.env_steps == task.env_steps and resumed.first.all()
+    assert not np.array_equal(resumed.obs, fresh_obs)  # not the first run's opening episodes again
+    task.close()
+    resumed.close()
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

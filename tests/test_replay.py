@@ -162,6 +162,38 @@ def test_state_round_trip_and_cut():
         ReplayBuffer(2 * 60, 2, (4, 3, 3), torch.uint8, stack=4).load_state_dict(buffer.state_dict())
 
 
+class Late(Counter):
+    """Counter after a resume: frames of 255 (Counter never shows it) and rewards of 100."""
+
+    def step(self, action):
+        frame, _, terminated, truncated, info = super().step(action)
+        return frame, 100.0, terminated, truncated, info
+
+    def _frame(self):
+        return np.full((3, 3), 255, np.uint8)
+
+
+def test_no_sampled_transition_joins_steps_from_before_and_after_a_cut():
+    """Resume with agent.save_replay: the restored steps and the restarted envs' steps never meet in one
+    transition, also for an env whose last step before the cut was an autoreset step."""
+    n, buffer = 8, None
+    for steps in range(30, 60):  # the first length at which some env's step before the last one was an autoreset
+        buffer = ReplayBuffer(8 * 200, n, (4, 3, 3), torch.uint8, stack=4)
+        hist = drive(gym.vector.SyncVectorEnv([lambda: FrameStackObservation(Counter(), 4, padding_type="zero")] * n),
+                     buffer, steps)
+        if not hist["real"][-2].all():
+            break
+    assert not hist["real"][-2].all()
+    buffer.cut()
+    drive(gym.vector.SyncVectorEnv([lambda: FrameStackObservation(Late(), 4, padding_type="zero")] * n), buffer, 30, 1)
+    for n_step in (1, 3):
+        got = buffer.sample(20_000, n_step, 0.9, torch.Generator().manual_seed(0))
+        before = (got["obs"] != 255).flatten(1).all(1)  # starts in the restored steps
+        assert before.any() and (~before).any()
+        assert (got["next_obs"][before] != 255).all(), "a restored step bootstraps from a restarted env's frames"
+        assert (got["returns"][before].abs() < 50).all(), "a restored step sums a restarted env's rewards"
+
+
 @pytest.mark.parametrize("shape, dtype, stack", [((4, 3, 3), torch.uint8, 4), ((4,), torch.float32, 1)])
 def test_packed_and_direct_adds_store_the_same(shape, dtype, stack):
     """add() packs a step into one host-to-device copy for a GPU buffer and copies each field directly

@@ -81,6 +81,28 @@ def test_two_optimizers_match_a_hand_written_loop(tmp_path: Path) -> None:
     assert '"train/d_loss"' in rows[0] and '"train/lr_gen"' in rows[0]
 
 
+class Episodes(TwoPhase):
+    """Reports episode returns as an agent does: none on some steps, several on others."""
+
+    RETURNS = [[1.0, 2.0, 3.0], [], [10.0]]
+
+    def training_step(self, batch, optim):
+        out = super().training_step(batch, optim)
+        returns = self.RETURNS[len(self.batches_seen)]
+        self.batches_seen.append(batch)
+        return {**out, "episode_return": returns} if returns else out
+
+
+def test_a_list_metric_averages_over_its_samples(tmp_path: Path) -> None:
+    """A list is several samples (episodes that ended this step): the log's mean is over all of them,
+    not over the steps that reported any."""
+    trainer, ctx = make_trainer(tmp_path, max_steps=3, log_every=3)
+    task = Episodes(None, ctx)
+    task.batches_seen = []
+    summary = trainer.fit(task)
+    assert summary["train/episode_return"] == pytest.approx(16 / 4)  # not (2 + 10) / 2
+
+
 @pytest.mark.parametrize("precision", ["32", "bf16", "fp16"])
 def test_each_precision_trains(tmp_path: Path, precision: str) -> None:
     trainer, ctx = make_trainer(tmp_path, max_steps=5, precision=precision, grad_clip=1.0)

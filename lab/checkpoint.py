@@ -32,7 +32,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file (a text file's bytes raise KeyError, IndexError, ...)
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch colours its weights_only advice
-        first = text.splitlines()[0] if text else type(e).__name__
+        first = f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
         raise LabError(
             f"checkpoint {path} is corrupt or not a lab checkpoint ({first}). "
             "Delete or move it to start afresh, or point `checkpoint=`/`hydra.run.dir=` at a good one."

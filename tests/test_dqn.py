@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -156,6 +157,66 @@ def test_the_update_forward_also_acts_and_frames_scale_in_the_compute_dtype(tmp_
 
 def _cartpole_task(tmp_path: Path, device: str, *overrides: str) -> DQN:
     return _task(tmp_path, device, "gym", "dqn_cartpole", "agent.video=false", *overrides)
+
+
+class Lives(gym.Env):
+    """A game of 3 lives, one lost every 4 steps, each step scoring 5: 12 steps, 60 points."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, render_mode=None):
+        self.render_mode = render_mode
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(2, np.float32), {"lives": 3}
+
+    def step(self, action):
+        self.t += 1
+        lives = 3 - self.t // 4
+        return np.full(2, self.t / 12, np.float32), 5.0, lives == 0, False, {"lives": lives}
+
+
+def test_a_lost_life_ends_bootstrapping_not_the_game_and_rewards_are_clipped_for_learning_only(tmp_path) -> None:
+    gym.register("LabLives-v0", entry_point=Lives)
+    task = _cartpole_task(tmp_path, "cpu", "env.id=LabLives-v0", "agent.num_envs=2", "agent.train_frequency=2",
+                          "agent.learning_starts=10000", "agent.buffer_size=200", "agent.clip_rewards=true",
+                          "agent.terminal_on_life_loss=true")
+    out = [task.training_step(None, None) for _ in range(26)]  # 2 games of 12 steps (+ autoreset) per env
+    episodes = [r for o in out for r in o.get("episode_return", [])]
+    assert episodes == [60.0] * 4  # whole games, unclipped
+    real = task.buffer.real[:26].numpy()
+    assert (task.buffer.rewards[:26].numpy()[real] == 1.0).all()  # sign(5) for learning
+    term = task.buffer.terminated[:26, 0].numpy()
+    assert term[:13].nonzero()[0].tolist() == [3, 7, 11]  # each lost life ends bootstrapping, the last the game
+    task.close()
+
+
+def test_double_dqn_dueling_targets_and_the_epsilon_schedule_by_hand(tmp_path: Path) -> None:
+    task = _cartpole_task(tmp_path, "cpu", "agent.learning_starts=10000", "agent.double=true", "agent.dueling=true",
+                          "agent.n_step=3", "agent.batch_size=16", "agent.total_timesteps=10000",
+                          "agent.exploration_fraction=0.5")
+    for _ in range(2):
+        task.training_step(None, None)
+    torch.nn.init.normal_(task.q_target.advantage[-1].weight)  # target and online nets differ
+    state = task.generator.get_state()
+    loss, _, _ = task.td_loss()
+    task.generator.set_state(state)
+    b = task.buffer.sample(16, 3, task.a.gamma, task.generator)
+    with torch.no_grad():
+        h = task.q.torso(b["next_obs"].float())
+        adv = task.q.advantage(h)
+        torch.testing.assert_close(task.q(b["next_obs"]), task.q.value(h) + adv - adv.mean(1, keepdim=True))
+        pick = task.q(b["next_obs"]).argmax(1)  # Double DQN: the online net picks, the target net rates
+        target = b["returns"] + b["discounts"] * task.q_target(b["next_obs"])[torch.arange(16), pick]
+        q = task.q(b["obs"])[torch.arange(16), b["actions"]]
+    torch.testing.assert_close(loss, torch.nn.functional.smooth_l1_loss(q, target))
+    for steps, eps in ((0, 1.0), (2500, (1.0 + 0.04) / 2), (5000, 0.04), (9000, 0.04)):
+        task.env_steps = steps
+        assert task.epsilon() == pytest.approx(eps)
+    task.close()
 
 
 @pytest.mark.parametrize("tau, interval", [(1.0, 100), (0.3, 2)])

@@ -119,6 +119,7 @@ class DQN(Task):
             raise LabError(f"env.id={cfg.env.id}: DQN needs Box observations, got {obs_space}")
         self.q = QNetwork(obs_space.shape, self.n_actions, list(a.hidden), bool(a.dueling))
         self.q_target = copy.deepcopy(self.q).requires_grad_(False)
+        self.seed = ctx.seed
         self.rng = np.random.default_rng(ctx.seed)
         self.env_steps = 0
         self.updates = 0
@@ -239,12 +240,15 @@ class DQN(Task):
         return out
 
     def evaluate(self) -> dict[str, float]:
-        return self.evaluator(lambda obs: self.act(obs, float(self.a.eval_epsilon)))
+        # Its own random draws, one stream per evaluation: evaluating (how often, how long) never moves training's.
+        rng = np.random.default_rng([self.seed, self.evaluator.count + 1])
+        return self.evaluator(lambda obs: self.act(obs, float(self.a.eval_epsilon), rng))
 
     # ---- acting and learning ------------------------------------------------------------------------
-    def explore(self, n: int, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
+    def explore(self, n: int, epsilon: float, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Which of n envs explore this step (probability epsilon), and a random action for each env."""
-        return self.rng.random(n) < epsilon, self.rng.integers(0, self.n_actions, n)
+        rng = self.rng if rng is None else rng
+        return rng.random(n) < epsilon, rng.integers(0, self.n_actions, n)
 
     @torch.no_grad()
     def greedy(self, obs: np.ndarray) -> np.ndarray:
@@ -253,9 +257,9 @@ class DQN(Task):
             return self.graphed_greedy(obs)
         return self._greedy_q(torch.as_tensor(obs, device=next(self.q.parameters()).device)).cpu().numpy()
 
-    def act(self, obs: np.ndarray, epsilon: float) -> np.ndarray:
+    def act(self, obs: np.ndarray, epsilon: float, rng: np.random.Generator | None = None) -> np.ndarray:
         """Epsilon-greedy actions for a batch of observations (no forward pass when all are random)."""
-        explore, actions = self.explore(obs.shape[0], epsilon)
+        explore, actions = self.explore(obs.shape[0], epsilon, rng)
         return actions if explore.all() else np.where(explore, actions, self.greedy(obs))
 
     def td_loss(self, act_obs: np.ndarray | None = None, bounds: torch.Tensor | None = None

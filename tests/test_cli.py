@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -143,14 +144,17 @@ def test_corrupt_or_incompatible_checkpoint_is_refused_and_kept(tmp_path: Path) 
     run_dir = tmp_path / "run"
     base = [*SMALL, "+experiment=mnist_cnn", f"hydra.run.dir={run_dir}"]
     assert run_lab(tmp_path, *base, "trainer.max_steps=10").returncode == 0
-    misfit, missing = run_lab_cases(tmp_path, [
+    corrupt_dir = tmp_path / "corrupt"
+    shutil.copytree(run_dir, corrupt_dir)
+    last = corrupt_dir / "checkpoints" / "last.pt"
+    last.write_bytes(b"not a checkpoint")
+    misfit, missing, corrupt = run_lab_cases(tmp_path, [
         [*base, "trainer.max_steps=20", "resume=true", "model.hidden=64"],
-        [*SMALL, "+experiment=mnist_cnn", "resume=true", f"hydra.run.dir={tmp_path / 'empty'}"]])
+        [*SMALL, "+experiment=mnist_cnn", "resume=true", f"hydra.run.dir={tmp_path / 'empty'}"],
+        [*SMALL, "+experiment=mnist_cnn", "trainer.max_steps=20", "resume=true", f"hydra.run.dir={corrupt_dir}"]])
     _fails_cleanly(misfit, "does not fit", "Resume with the configuration")
     _fails_cleanly(missing, "no checkpoint at")
-    last = run_dir / "checkpoints" / "last.pt"
-    last.write_bytes(b"not a checkpoint")
-    _fails_cleanly(run_lab(tmp_path, *base, "trainer.max_steps=20", "resume=true"), "corrupt")
+    _fails_cleanly(corrupt, "corrupt")
     assert last.read_bytes() == b"not a checkpoint"
 
 

@@ -31,9 +31,11 @@ PONG = [*QUIET, "+experiment=dqn_pong", "trainer.num_threads=1", "trainer.compil
 @pytest.mark.timeout(600)
 def test_cartpole_reaches_475(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    # The full recipe (50k env steps), evaluated every 10k, ending at the first evaluation of 475 or more
-    # (30,720 env steps for seed 0 here: a third of the suite's longest test saved).
-    r = run_lab(tmp_path, *QUIET, "+experiment=dqn_cartpole", "agent.video=false", "agent.eval_every=10_000",
+    # The full recipe (50k env steps), evaluated every 5,120, ending at the first evaluation of 475 or more
+    # (seed 0: 500 at 35,840 env steps here). RL Zoo's CartPole recipe swings between seeds: seed 1 peaked at 291
+    # and ended at 108 on this code, so the fixed seed is part of the test. Evaluation draws its own random
+    # numbers, so the evaluation cadence does not change the training run.
+    r = run_lab(tmp_path, *QUIET, "+experiment=dqn_cartpole", "agent.video=false", "agent.eval_every=5_120",
                 "trainer.stop_at=475", f"hydra.run.dir={run}", "seed=0", timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     evals = [m for m in read_metrics(run) if "eval/episode_return" in m]
@@ -216,6 +218,15 @@ def test_double_dqn_dueling_targets_and_the_epsilon_schedule_by_hand(tmp_path: P
     for steps, eps in ((0, 1.0), (2500, (1.0 + 0.04) / 2), (5000, 0.04), (9000, 0.04)):
         task.env_steps = steps
         assert task.epsilon() == pytest.approx(eps)
+    task.close()
+
+
+def test_evaluating_draws_its_own_random_numbers_not_trainings(tmp_path: Path) -> None:
+    task = _cartpole_task(tmp_path, "cpu", "agent.eval_episodes=2", "agent.eval_num_envs=2", "agent.eval_epsilon=0.5")
+    state = task.rng.bit_generator.state
+    first, second = task.evaluate(), task.evaluate()
+    assert task.rng.bit_generator.state == state  # how often a run evaluates does not change how it trains
+    assert first["episodes"] == second["episodes"] == 2
     task.close()
 
 

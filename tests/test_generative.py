@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import DATA, lab_env, read_metrics, run_lab
+from conftest import DATA, lab_env, read_metrics, run_lab, run_lab_cases
 from generative.fid import FID, frechet_distance
 from generative.neural_style import StepLBFGS
 from lab import data
@@ -171,10 +171,11 @@ def test_neural_style_loss_falls_with_random_weights(tmp_path: Path) -> None:
         assert im.size == (32, 21) and im.mode == "RGB"  # chelsea is 451x300: longer side 32
     assert len(list((run / "media").glob("stylized_*.png"))) == 2  # the progression: steps 6 and 12
 
-    for args, needle in ((["model.weights=null"], "model.random_init=true"),
-                         ([f"model.weights={tmp_path / 'none.pth'}"], "does not exist"),
-                         (["model.random_init=true", "style.content=nothing.png"], "style.content")):
-        result = run_lab(tmp_path, *common, *args, env=_env(tmp_path))
+    refusals = {("model.weights=null",): "model.random_init=true",
+                (f"model.weights={tmp_path / 'none.pth'}",): "does not exist",
+                ("model.random_init=true", "style.content=nothing.png"): "style.content"}
+    results = run_lab_cases(tmp_path, [[*common, *args] for args in refusals])
+    for needle, result in zip(refusals.values(), results):
         assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 

@@ -119,7 +119,6 @@ class DQN(Task):
             raise LabError(f"env.id={cfg.env.id}: DQN needs Box observations, got {obs_space}")
         self.q = QNetwork(obs_space.shape, self.n_actions, list(a.hidden), bool(a.dueling))
         self.q_target = copy.deepcopy(self.q).requires_grad_(False)
-        self.seed = ctx.seed
         self.rng = np.random.default_rng(ctx.seed)
         self.env_steps = 0
         self.updates = 0
@@ -241,7 +240,7 @@ class DQN(Task):
 
     def evaluate(self) -> dict[str, float]:
         # Its own random draws, one stream per evaluation: evaluating (how often, how long) never moves training's.
-        rng = np.random.default_rng([self.seed, self.evaluator.count + 1])
+        rng = np.random.default_rng([self.ctx.seed, self.evaluator.count + 1])
         return self.evaluator(lambda obs: self.act(obs, float(self.a.eval_epsilon), rng))
 
     # ---- acting and learning ------------------------------------------------------------------------

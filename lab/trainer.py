@@ -390,9 +390,8 @@ class Trainer:
 
     def _load_task(self, task: Task, path: Path) -> dict[str, Any]:
         """Put a checkpoint's task state into `task` on this run's device (mode=eval, mode=generate)."""
-        if not path.is_file():
-            what = "is a directory" if path.is_dir() else "does not exist"
-            raise LabError(f"checkpoint={path} {what}; pass a run's checkpoints/best.pt or last.pt")
+        if not path.exists():  # a directory or an unreadable file: checkpoint.load says which
+            raise LabError(f"checkpoint={path} does not exist; pass a run's checkpoints/best.pt or last.pt")
         task.to(self.device)
         if self.cfg.get("channels_last"):
             task.to(memory_format=torch.channels_last)

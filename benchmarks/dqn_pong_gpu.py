@@ -9,7 +9,9 @@ whole training loop, evaluations included (`perf/elapsed_s`). Then the best chec
 games through `mode=eval` (which also records their video). Refuses to run without CUDA: GPU
 figures are recorded only from a real GPU run. `--out DIR` also copies the record, the plot, the
 metrics, the log and the video there. On a lent machine, `bash benchmarks/dqn_pong_gpu.sh MINUTES OUT`
-runs it after a smoke test of `agent.cuda_graph=true`, with graphs when that passed.
+runs it after a smoke test of `agent.cuda_graph=true`, with graphs when that passed. The record and the
+metrics are written (and copied to `--out`) as soon as training ends, before the replay, so a command
+stopped during the replay keeps them.
 """
 
 from __future__ import annotations
@@ -91,12 +93,46 @@ def gpu() -> dict[str, Any]:
     return info
 
 
+def save(out: dict[str, Any], run: Path, log: Path, dest: Path | None) -> Path:
+    """Write the record; with `dest`, copy it, the run's metrics and the log there too."""
+    path = record.write("dqn_pong_gpu", out)
+    if dest:
+        dest.mkdir(parents=True, exist_ok=True)
+        for src, name in ((path, path.name), (run / "metrics.jsonl", "dqn_pong_metrics.jsonl"),
+                          (log, "dqn_pong.log")):
+            if src.exists():
+                shutil.copy(src, dest / name)
+    return path
+
+
+def plot(out: dict[str, Any], path: Path, dest: Path | None) -> None:
+    """The learning curves (return against minutes and against env steps) as PNG beside the record."""
+    from lab.plots import plt
+
+    train, curve = out["train_curve"], out["eval_curve"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, x, label in ((axes[0], "minutes", "minutes of training"), (axes[1], "env_steps", "env steps")):
+        pts = [p for p in train if p["return"] is not None]
+        ax.plot([p[x] for p in pts], [p["return"] for p in pts], alpha=0.4, label="training games")
+        ax.plot([p[x] for p in curve], [p["return"] for p in curve], "o-", label="evaluation (10 games)")
+        for level in (18, 20):
+            ax.axhline(level, color="grey", lw=0.5, ls="--")
+        ax.set_xlabel(label)
+        ax.set_ylabel("return")
+    axes[0].legend()
+    fig.suptitle(f"dqn_pong on {out['gpu']['name']}")
+    fig.savefig(path.with_suffix(".png"), dpi=100, bbox_inches="tight")
+    if dest:
+        shutil.copy(path.with_suffix(".png"), dest / path.with_suffix(".png").name)
+
+
 def main() -> None:
     import torch
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=30, help="stop the training run after this long")
     ap.add_argument("--out", type=Path, help="also copy the record, plot, metrics, log and video here")
+    ap.add_argument("--replay-seconds", type=float, default=60, help="time limit of the best checkpoint's replay")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     if not torch.cuda.is_available():
@@ -118,13 +154,15 @@ def main() -> None:
         "process_wall_s": round(wall, 1), "gpu": gpu(), "eval_curve": curve, "train_curve": train,
         "to_18": first_reaching(curve, 18), "to_20": first_reaching(curve, 20),
         "target": "+18 within 10 minutes on one H100"}
+    plot(out, save(out, run, log, a.out), a.out)  # kept even if the replay below runs out of time
     best = run / "checkpoints" / "best.pt"
     if best.exists():  # the best agent plays 10 new games (and is filmed): a second, independent estimate
         replay = run.parent / f"{run.name}-eval"
         eval_args = ["+experiment=dqn_pong", "mode=eval", f"checkpoint={best}",
                      *[o for o in a.overrides if not o.startswith(("trainer.stop_at", "agent.eval_episodes"))],
                      "agent.eval_episodes=10"]
-        code, wall = run_logged([sys.executable, "-m", "lab", *eval_args, f"hydra.run.dir={replay}"], log, 90)
+        code, wall = run_logged([sys.executable, "-m", "lab", *eval_args, f"hydra.run.dir={replay}"], log,
+                                a.replay_seconds)
         ev = next((r for r in rows_of(replay) if "eval/episode_return" in r), None)
         out["best_checkpoint_replay"] = {
             "command": "python -m lab " + " ".join(eval_args), "exit_code": code, "process_wall_s": round(wall, 1),
@@ -134,30 +172,8 @@ def main() -> None:
         if a.out and videos:
             a.out.mkdir(parents=True, exist_ok=True)
             shutil.copy(videos[-1], a.out / "dqn_pong_best_agent.mp4")
-    path = record.write("dqn_pong_gpu", out)
-    if a.out:
-        a.out.mkdir(parents=True, exist_ok=True)
-        for src, name in ((path, path.name), (run / "metrics.jsonl", "dqn_pong_metrics.jsonl"),
-                          (log, "dqn_pong.log")):
-            if src.exists():
-                shutil.copy(src, a.out / name)
+        save(out, run, log, a.out)
 
-    from lab.plots import plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, x, label in ((axes[0], "minutes", "minutes of training"), (axes[1], "env_steps", "env steps")):
-        pts = [p for p in train if p["return"] is not None]
-        ax.plot([p[x] for p in pts], [p["return"] for p in pts], alpha=0.4, label="training games")
-        ax.plot([p[x] for p in curve], [p["return"] for p in curve], "o-", label="evaluation (10 games)")
-        for level in (18, 20):
-            ax.axhline(level, color="grey", lw=0.5, ls="--")
-        ax.set_xlabel(label)
-        ax.set_ylabel("return")
-    axes[0].legend()
-    fig.suptitle(f"dqn_pong on {out['gpu']['name']}")
-    fig.savefig(path.with_suffix(".png"), dpi=100, bbox_inches="tight")
-    if a.out:
-        shutil.copy(path.with_suffix(".png"), a.out / path.with_suffix(".png").name)
     print(json.dumps({k: out[k] for k in ("to_18", "to_20")}), flush=True)
 
 

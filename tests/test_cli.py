@@ -116,6 +116,29 @@ def test_no_or_unknown_experiment_lists_the_experiments(tmp_path: Path) -> None:
     _fails_cleanly(unknown, "Unknown experiment: 'nope'", "mnist_cnn")
 
 
+def test_every_experiment_composes_resolves_and_names_an_importable_task() -> None:
+    """Each conf/experiment/*.yaml, as `python -m lab +experiment=NAME` composes it: every interpolation
+    resolves, the trainer block passes the trainer's checks and `task` names a class that exists (the
+    experiments the end-to-end tests do not run, e.g. dqn_breakout and fashion_resnet, included)."""
+    import importlib
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from lab.cli import CONF_DIR, experiments
+    from lab.task import Task
+    from lab.trainer import check_config
+
+    assert {"dqn_breakout", "dqn_pong", "fashion_resnet", "mnist_cnn"} <= set(experiments())
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        for name in experiments():
+            cfg = compose("config", overrides=[f"+experiment={name}"])
+            OmegaConf.to_container(cfg, resolve=True)  # raises on an interpolation that does not resolve
+            check_config(cfg.trainer)
+            module, _, cls = str(cfg.task).rpartition(".")
+            assert issubclass(getattr(importlib.import_module(module), cls), Task), name
+
+
 def test_missing_conf_dir_says_how_to_install(tmp_path: Path, monkeypatch, capsys) -> None:
     from lab import cli
 

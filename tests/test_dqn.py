@@ -94,6 +94,23 @@ def test_save_replay_puts_the_buffer_in_last_pt_not_best_pt_and_resume_restores_
     assert read_metrics(run)[-1]["env_steps"] == 1536
 
 
+def test_breakout_experiment_trains_a_few_steps(tmp_path: Path) -> None:
+    """dqn_breakout end to end on a tiny budget: 4 actions (FIRE starts each game), dueling heads, a
+    final evaluation game (capped by env.max_episode_frames) and its video."""
+    run = tmp_path / "run"
+    r = run_lab(tmp_path, *QUIET, "+experiment=dqn_breakout", "trainer.num_threads=1", "agent.num_envs=2",
+                "agent.train_frequency=4", "agent.batch_size=16", "agent.total_timesteps=256",
+                "agent.learning_starts=128", "agent.buffer_size=512", "agent.eval_episodes=1", "agent.eval_num_envs=1",
+                "agent.log_every=64", "env.max_episode_frames=2000", f"hydra.run.dir={run}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_metrics(run)
+    assert any(np.isfinite(m.get("train/loss", np.nan)) for m in rows)
+    assert rows[-1]["env_steps"] == 256 and rows[-1]["eval/episodes"] == 1
+    assert list((run / "media").glob("eval_video_*.mp4"))
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["task"]
+    assert state["q.advantage.2.weight"].shape == (4, 512) and state["q.value.2.weight"].shape == (1, 512)
+
+
 def test_bad_agent_settings_are_refused(tmp_path: Path) -> None:
     cases = {
         ("+experiment=dqn_cartpole", "agent.train_frequency=6"): "must be a multiple of agent.num_envs",

@@ -10,8 +10,9 @@ games through `mode=eval` (which also records their video). Refuses to run witho
 figures are recorded only from a real GPU run. `--out DIR` also copies the record, the plot, the
 metrics, the log and the video there. On a lent machine, `bash benchmarks/dqn_pong_gpu.sh MINUTES OUT`
 runs it after a smoke test of `agent.cuda_graph=true`, with graphs when that passed. The record and the
-metrics are written (and copied to `--out`) as soon as training ends, before the replay, so a command
-stopped during the replay keeps them.
+metrics are written (and copied to `--out`) as soon as training ends, before the replay; while training
+runs, `--out` holds its log and a copy of its metrics as of its latest `[lab]` line, so a command stopped
+from outside keeps the curve so far.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +42,10 @@ def first_reaching(curve: list[dict], target: float) -> dict | None:
     return next((p for p in curve if p["return"] >= target), None)
 
 
-def run_logged(cmd: list[str], log: Path, timeout: float) -> tuple[int | None, float]:
-    """Run cmd in the repository, its output both printed and appended to `log`; (exit code or None
-    when stopped at `timeout` seconds, wall seconds)."""
+def run_logged(cmd: list[str], log: Path, timeout: float,
+               on_line: Callable[[str], None] | None = None) -> tuple[int | None, float]:
+    """Run cmd in the repository, its output both printed and appended to `log` (and passed to `on_line`);
+    (exit code or None when stopped at `timeout` seconds, wall seconds)."""
     env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
     with log.open("a") as f:
@@ -55,6 +58,8 @@ def run_logged(cmd: list[str], log: Path, timeout: float) -> tuple[int | None, f
                 print(line, end="", flush=True)
                 f.write(line)
                 f.flush()
+                if on_line:
+                    on_line(line)
 
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
@@ -100,7 +105,7 @@ def save(out: dict[str, Any], run: Path, log: Path, dest: Path | None) -> Path:
         dest.mkdir(parents=True, exist_ok=True)
         for src, name in ((path, path.name), (run / "metrics.jsonl", "dqn_pong_metrics.jsonl"),
                           (log, "dqn_pong.log")):
-            if src.exists():
+            if src.exists() and src.resolve() != (dest / name).resolve():
                 shutil.copy(src, dest / name)
     return path
 
@@ -139,8 +144,17 @@ def main() -> None:
         raise SystemExit("no CUDA device: this benchmark records GPU figures only from a real GPU run")
     run = Path(tempfile.mkdtemp(prefix="dqn-pong-"))
     log = run.parent / f"{run.name}.log"
+    if a.out:  # the log (evaluation lines included) and the metrics reach --out while training runs: a command
+        a.out.mkdir(parents=True, exist_ok=True)  # stopped from outside keeps the curve so far
+        log = a.out / "dqn_pong.log"
+
+    def keep_metrics(line: str) -> None:
+        if a.out and line.startswith("[lab]") and (run / "metrics.jsonl").exists():
+            shutil.copy(run / "metrics.jsonl", a.out / "dqn_pong_metrics.jsonl")
+
     train_args = ["+experiment=dqn_pong", "trainer.stop_at=20", "trainer.progress=false", *a.overrides]
-    code, wall = run_logged([sys.executable, "-m", "lab", *train_args, f"hydra.run.dir={run}"], log, a.minutes * 60)
+    code, wall = run_logged([sys.executable, "-m", "lab", *train_args, f"hydra.run.dir={run}"], log, a.minutes * 60,
+                            keep_metrics)
     rows = rows_of(run)
     curve = [{"minutes": round(r["perf/elapsed_s"] / 60, 3), "env_steps": r["env_steps"],
               "return": r["eval/episode_return"], "return_std": r["eval/episode_return_std"],

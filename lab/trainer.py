@@ -95,6 +95,11 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     return torch.device(spec)
 
 
+def metrics_line(metrics: dict[str, Any]) -> str:
+    """`key=value, ...` for the numbers among `metrics` (4 significant digits): one line for the console."""
+    return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+
+
 class Optimizers:
     """What a task's `training_step` calls to update: `optim.step("name", loss)`."""
 
@@ -370,6 +375,7 @@ class Trainer:
             metrics["perf/elapsed_s"] = self.elapsed()
             metrics.update(task.progress())
             self.logger.log(metrics)
+            tqdm.write(f"[lab] step {self.logger.step}: {metrics_line(metrics)}")  # above the bar, in any log
             name, mode = task.main_metric, task.main_mode
             if name and name in metrics:
                 value = float(metrics[name])
@@ -426,8 +432,7 @@ class Trainer:
             metrics = {k if "/" in k else f"eval/{k}": v for k, v in task.evaluate().items()}
         metrics.update({"perf/eval_seconds": time.perf_counter() - t0, **task.progress()})
         self.logger.log(metrics)
-        print("[lab] " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))),
-              flush=True)
+        print(f"[lab] {metrics_line(metrics)}", flush=True)
         return self.logger.summary({"checkpoint": str(path), "status": "evaluated", "main_metric": task.main_metric})
 
     def _finish(self, task: Task, counters: dict[str, Any], status: str) -> dict[str, Any]:

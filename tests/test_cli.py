@@ -22,6 +22,7 @@ def test_mnist_run_writes_everything_with_offline_wandb(tmp_path: Path) -> None:
     p = run_lab(tmp_path, "+experiment=mnist_cnn", "trainer.max_steps=20", f"hydra.run.dir={run_dir}", *args)
     assert p.returncode == 0, p.stderr
     assert "logging offline" in p.stderr  # the one-line notice: no key, no WANDB_MODE
+    assert "[lab] step 10: eval/loss=" in p.stdout and "[lab] step 20: eval/loss=" in p.stdout  # one line per eval
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("run-*.wandb"))
     rows = read_metrics(run_dir)

@@ -96,8 +96,10 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
 
 
 def metrics_line(metrics: dict[str, Any]) -> str:
-    """`key=value, ...` for the numbers among `metrics` (4 significant digits): one line for the console."""
-    return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+    """`key=value, ...` for the numbers among `metrics` (floats to 4 significant digits, counters whole): one
+    line for the console."""
+    return ", ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={v:.4g}" for k, v in metrics.items()
+                     if isinstance(v, (int, float)))
 
 
 class Optimizers:

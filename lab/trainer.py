@@ -328,7 +328,8 @@ class Trainer:
                             metrics["perf/samples_per_sec"] = samples_window / dt
                         log.log(metrics)
                         bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()
-                                         if k in ("train/loss", "perf/samples_per_sec", "perf/steps_per_sec")})
+                                         if k in ("train/loss", "train/episode_return", "perf/samples_per_sec",
+                                                  "perf/steps_per_sec")})
                         window, counts, n_window, samples_window = {}, {}, 0, 0
                         t_window = time.perf_counter()
                     if stopped:

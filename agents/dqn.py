@@ -288,11 +288,14 @@ class DQN(Task):
         return loss, q.detach().mean(), greedy
 
     # ---- agent.cuda_graph: the update and the acting forward replayed as CUDA graphs -------------------
+    GRAPH_FIX = "run with agent.cuda_graph=false (the same steps, eagerly)"
+
     def graphed_update(self, optim: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """One update (sample, TD loss, backward, Adam step) replayed from its graph; (loss, mean Q)."""
         first = self.graph_update is None
         if first:
-            self.graph_update = GraphedStep(lambda: self._update_step(optim), self.bounds.device)
+            self.graph_update = GraphedStep(lambda: self._update_step(optim), self.bounds.device, what="the DQN update",
+                                            fix=self.GRAPH_FIX)
         lo, hi = self.buffer.sample_range(self.a.n_step)
         self.bounds[0].fill_(lo)
         self.bounds[1].fill_(hi)
@@ -312,7 +315,8 @@ class DQN(Task):
         if shape not in self.act_graphs:
             device = next(self.q.parameters()).device
             static_in = torch.as_tensor(obs, device=device).clone()  # the graph's input, filled before each replay
-            self.act_graphs[shape] = (static_in, GraphedStep(lambda: self._greedy_q(static_in), device))
+            self.act_graphs[shape] = (static_in, GraphedStep(lambda: self._greedy_q(static_in), device,
+                                                             what="the acting forward", fix=self.GRAPH_FIX))
         static_in, step = self.act_graphs[shape]
         static_in.copy_(torch.as_tensor(obs))
         return step().cpu().numpy()

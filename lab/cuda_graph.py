@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from lab.errors import LabError
+
 
 class GraphedStep:
     """`fn()` captured once as a CUDA graph and replayed by every call; on any other device it just runs.
@@ -18,10 +20,12 @@ class GraphedStep:
     (fill them in place before a call) and must not wait for the GPU (no `.item()`, `.cpu()`, boolean
     masks). What it returns is rewritten by the next replay: clone what must outlive it. On CUDA the
     first call runs `fn` `warmup` times on a side stream, as capture requires (each run does its work:
-    an optimizer step steps), then captures it and replays it once."""
+    an optimizer step steps), then captures it and replays it once. A capture that fails ends in one
+    `LabError` naming `what` was captured and the `fix` (how to run without graphs)."""
 
-    def __init__(self, fn: Callable[[], Any], device: torch.device, warmup: int = 3):
-        self.fn, self.device, self.warmup = fn, device, warmup
+    def __init__(self, fn: Callable[[], Any], device: torch.device, warmup: int = 3, what: str = "a step",
+                 fix: str = "run it without CUDA graphs"):
+        self.fn, self.device, self.warmup, self.what, self.fix = fn, device, warmup, what, fix
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: Any = None
 
@@ -40,8 +44,14 @@ class GraphedStep:
                 for _ in range(self.warmup):
                     self.fn()
             torch.cuda.current_stream(self.device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = self.fn()
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    self.out = self.fn()
+            except Exception as e:  # noqa: BLE001 - torch's capture errors are long; say what failed and the way out
+                detail = " ".join(str(e).split())[:400]
+                raise LabError(f"capturing {self.what} as a CUDA graph failed ({type(e).__name__}: {detail}); "
+                               f"{self.fix}") from None
+            self.graph = graph
         self.graph.replay()
         return self.out

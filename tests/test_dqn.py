@@ -332,6 +332,43 @@ def test_cuda_graph_steps_learn_from_new_samples_each_update(tmp_path: Path, dev
     task.close()
 
 
+def test_a_failed_capture_ends_in_one_line_with_the_fix(monkeypatch) -> None:
+    """No CUDA here: the CUDA calls around the capture are stand-ins, and `fn` fails where a capture fails
+    (inside `torch.cuda.graph`, after its eager warm-up runs), as torch does on a host sync."""
+    import contextlib
+    from types import SimpleNamespace
+
+    stream = SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    capturing = {"on": False}
+
+    @contextlib.contextmanager
+    def graph(g):
+        capturing["on"] = True
+        yield
+
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    calls = []
+
+    def fn() -> None:
+        calls.append(capturing["on"])
+        if capturing["on"]:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nCUDA kernel errors ...")
+
+    step = GraphedStep(fn, torch.device("cuda"), what="the DQN update", fix=DQN.GRAPH_FIX)
+    with pytest.raises(LabError) as e:
+        step()
+    assert calls == [False, False, False, True]  # three eager warm-up runs, then the capture
+    message = str(e.value)
+    assert message.startswith("capturing the DQN update as a CUDA graph failed (RuntimeError: CUDA error: "
+                              "operation not permitted when stream is capturing CUDA kernel errors ...)")
+    assert message.endswith("run with agent.cuda_graph=false (the same steps, eagerly)") and "\n" not in message
+    assert step.graph is None and step.warmup_runs == 0  # nothing half-captured is kept for replay
+
+
 def test_cuda_graph_refuses_what_it_cannot_capture(tmp_path: Path) -> None:
     for overrides, message in ((["agent.buffer_device=cpu"], "agent.buffer_device=auto"),
                                (["trainer.precision=bf16"], "needs trainer.precision=32"),

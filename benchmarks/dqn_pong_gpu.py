@@ -98,14 +98,12 @@ def gpu() -> dict[str, Any]:
     return info
 
 
-def save(out: dict[str, Any], run: Path, log: Path, dest: Path | None) -> Path:
-    """Write the record; with `dest`, copy it, the run's metrics and the log there too."""
+def save(out: dict[str, Any], run: Path, dest: Path | None) -> Path:
+    """Write the record; with `dest` (where the log is written already), copy it and the run's metrics there."""
     path = record.write("dqn_pong_gpu", out)
     if dest:
-        dest.mkdir(parents=True, exist_ok=True)
-        for src, name in ((path, path.name), (run / "metrics.jsonl", "dqn_pong_metrics.jsonl"),
-                          (log, "dqn_pong.log")):
-            if src.exists() and src.resolve() != (dest / name).resolve():
+        for src, name in ((path, path.name), (run / "metrics.jsonl", "dqn_pong_metrics.jsonl")):
+            if src.exists():
                 shutil.copy(src, dest / name)
     return path
 
@@ -149,12 +147,12 @@ def main() -> None:
         log = a.out / "dqn_pong.log"
 
     def keep_metrics(line: str) -> None:
-        if a.out and line.startswith("[lab]") and (run / "metrics.jsonl").exists():
+        if line.startswith("[lab]") and (run / "metrics.jsonl").exists():
             shutil.copy(run / "metrics.jsonl", a.out / "dqn_pong_metrics.jsonl")
 
     train_args = ["+experiment=dqn_pong", "trainer.stop_at=20", "trainer.progress=false", *a.overrides]
     code, wall = run_logged([sys.executable, "-m", "lab", *train_args, f"hydra.run.dir={run}"], log, a.minutes * 60,
-                            keep_metrics)
+                            keep_metrics if a.out else None)
     rows = rows_of(run)
     curve = [{"minutes": round(r["perf/elapsed_s"] / 60, 3), "env_steps": r["env_steps"],
               "return": r["eval/episode_return"], "return_std": r["eval/episode_return_std"],
@@ -168,7 +166,7 @@ def main() -> None:
         "process_wall_s": round(wall, 1), "gpu": gpu(), "eval_curve": curve, "train_curve": train,
         "to_18": first_reaching(curve, 18), "to_20": first_reaching(curve, 20),
         "target": "+18 within 10 minutes on one H100"}
-    plot(out, save(out, run, log, a.out), a.out)  # kept even if the replay below runs out of time
+    plot(out, save(out, run, a.out), a.out)  # kept even if the replay below runs out of time
     best = run / "checkpoints" / "best.pt"
     if best.exists():  # the best agent plays 10 new games (and is filmed): a second, independent estimate
         replay = run.parent / f"{run.name}-eval"
@@ -184,9 +182,8 @@ def main() -> None:
                 "return_min": ev["eval/episode_return_min"]} if ev else {})}
         videos = sorted((replay / "media").glob("*.mp4"))
         if a.out and videos:
-            a.out.mkdir(parents=True, exist_ok=True)
             shutil.copy(videos[-1], a.out / "dqn_pong_best_agent.mp4")
-        save(out, run, log, a.out)
+        save(out, run, a.out)
 
     print(json.dumps({k: out[k] for k in ("to_18", "to_20")}), flush=True)
 

@@ -35,13 +35,15 @@ def test_cartpole_reaches_475(tmp_path: Path) -> None:
     # (seed 0: 500 at 35,840 env steps here). RL Zoo's CartPole recipe swings between seeds: seed 1 peaked at 291
     # and ended at 108 on this code, so the fixed seed is part of the test. Evaluation draws its own random
     # numbers, so the evaluation cadence does not change the training run.
-    r = run_lab(tmp_path, *QUIET, "+experiment=dqn_cartpole", "agent.video=false", "agent.eval_every=5_120",
-                "trainer.stop_at=475", f"hydra.run.dir={run}", "seed=0", timeout=400)
+    r = run_lab(tmp_path, "logger=none", "+experiment=dqn_cartpole", "agent.video=false", "agent.eval_every=5_120",
+                "trainer.stop_at=475", f"hydra.run.dir={run}", "seed=0", timeout=400)  # with its progress bar
     assert r.returncode == 0, r.stderr[-3000:]
     evals = [m for m in read_metrics(run) if "eval/episode_return" in m]
     assert evals[-1]["eval/episode_return"] >= 475, evals
     assert all(e["eval/episode_return"] < 475 for e in evals[:-1])  # it stopped at the first that reached it
     assert "reached trainer.stop_at=475" in r.stdout + r.stderr
+    assert "episode_return=" in r.stderr  # the bar shows the training return beside the loss
+    assert r.stdout.count("[lab] step ") == len(evals)  # one console line per evaluation
     episodes = [m["train/episode_return"] for m in read_metrics(run) if "train/episode_return" in m]
     assert max(episodes) > 5 * min(episodes)  # training episodes got longer as it learned
 

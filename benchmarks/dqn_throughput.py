@@ -222,6 +222,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.num_envs not in (1, 2, 4):
         raise SystemExit("--num-envs must divide the 4 env steps between updates: 1, 2 or 4")
+    if a.steps - a.learning_starts < 100 * HPARAMS["train_frequency"]:
+        raise SystemExit(f"--steps ({a.steps}) must exceed --learning-starts ({a.learning_starts}) by at least "
+                         f"{100 * HPARAMS['train_frequency']}: the runners are timed after learning starts")
     if a.lab_args is None:
         a.lab_args = lab_speed()
     if a.sb3_worker:

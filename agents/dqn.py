@@ -1,18 +1,20 @@
 """DQN on pixels or vectors: Nature-DQN network (optionally dueling), Double DQN, n-step returns,
 Huber loss, a target network (hard or Polyak), linear epsilon, replay of frames stored once.
 
-Every hyperparameter is in the experiment's yaml (`agent:` and `env:`); conf/experiment/dqn_pong.yaml
+Every hyperparameter is in the experiment's yaml (`agent:`, `env:` and `optimizer:`); conf/experiment/dqn_pong.yaml
 is the fast recipe, dqn_pong_nature.yaml the classic one. One trainer step is one iteration:
 
-    for train_frequency / num_envs vector steps:        # acting: epsilon-greedy, all envs at once
-        gradient steps spread over the iteration:       # learning
-            sample (obs, a, n-step return, discount, next_obs) from the replay buffer
-            target = return + discount * Q_target(next_obs, argmax_a Q(next_obs))   # Double DQN
-            loss = huber(Q(obs, a), target)             # the first forward also gives the greedy actions
-        send the actions to the envs (they step in C++ threads during ...)
-        ... optim.step("q", loss)                       # ... the backward pass and the update
-        receive the envs' step, store it in the replay buffer
+    for train_frequency / num_envs vector steps:
+        act:    epsilon-greedy actions for all envs, sent to them (they step in C++ threads during ...)
+        learn:  ... the updates spread over the iteration: sample (obs, a, n-step return, discount, next_obs),
+                target = return + discount * Q_target(next_obs, argmax_a Q(next_obs))   # Double DQN
+                loss = huber(Q(obs, a), target); optim.step("q", loss)
+                (the first update's forward pass also gives the greedy actions of `act`)
+        store:  the envs' step in the replay buffer; finished episodes' returns
     every target_update_interval env steps: Q_target <- tau * Q + (1 - tau) * Q_target
+
+With `agent.cuda_graph` each update and each acting forward replay from CUDA graphs instead (the section
+at the end); the steps are the same.
 
 The budget is `agent.total_timesteps` env steps summed over the parallel envs; the trainer's
 max_steps is derived from it in conf/agent/dqn.yaml.
@@ -35,9 +37,22 @@ from torch import nn
 
 from agents.envs import EpisodeTracker, Evaluator, is_atari, make_env
 from agents.replay import ReplayBuffer
+from lab.config import build
 from lab.cuda_graph import GraphedStep
 from lab.errors import LabError
 from lab.task import RunContext, Task
+
+
+def check_agent_config(a: Any) -> None:
+    """The checks of an `agent:` block that the lab's DQN and the SB3 baseline share, one line each."""
+    if a.num_envs < 1 or a.train_frequency < a.num_envs or a.train_frequency % a.num_envs:
+        raise LabError(f"agent.train_frequency={a.train_frequency} (env steps per iteration) must be a "
+                       f"multiple of agent.num_envs={a.num_envs}")
+    if a.n_step < 1 or not 0 < a.gamma <= 1 or not 0 < a.tau <= 1 or not list(a.hidden):
+        raise LabError("agent.n_step must be >= 1, agent.gamma and agent.tau in (0, 1], agent.hidden non-empty")
+    if a.eval_episodes < 1 or a.eval_num_envs < 1:
+        raise LabError(f"agent.eval_episodes={a.eval_episodes} and agent.eval_num_envs={a.eval_num_envs} "
+                       "must be >= 1 (every run ends with an evaluation)")
 
 
 class QNetwork(nn.Module):
@@ -87,29 +102,22 @@ class DQN(Task):
     main_metric = "eval/episode_return"
     step_metric = "env_steps"
     main_mode = "max"
+    progress_keys = ("loss", "episode_return")
+    single_process = "for more throughput raise agent.num_envs"
 
     def __init__(self, cfg: DictConfig, ctx: RunContext):
         super().__init__(cfg, ctx)
         # A plain copy of the agent's settings: the loop reads them ~20 times an iteration, and each
         # DictConfig read cost about 50 us on a GPU machine's CPU (cProfile of dqn_pong on an H200 host).
         a = self.a = SimpleNamespace(**OmegaConf.to_container(cfg.agent, resolve=True))
-        if ctx.dist.enabled:
-            raise LabError("DQN runs in one process; for more throughput raise agent.num_envs (drop torchrun)")
-        if a.train_frequency % a.num_envs:
-            raise LabError(f"agent.train_frequency={a.train_frequency} (env steps per iteration) must be a "
-                           f"multiple of agent.num_envs={a.num_envs}")
-        if a.n_step < 1 or not 0 < a.gamma <= 1 or not 0 < a.tau <= 1:
-            raise LabError("agent.n_step must be >= 1, agent.gamma and agent.tau in (0, 1]")
-        if a.eval_episodes < 1 or a.eval_num_envs < 1:
-            raise LabError(f"agent.eval_episodes={a.eval_episodes} and agent.eval_num_envs={a.eval_num_envs} "
-                           "must be >= 1 (every run ends with an evaluation)")
+        check_agent_config(a)
         self.graphed = bool(a.cuda_graph)
-        if self.graphed and cfg.trainer.get("compile"):
+        if self.graphed and ctx.compile:
             raise LabError("agent.cuda_graph=true and trainer.compile=true: choose one (set trainer.compile=false)")
-        if self.graphed and str(cfg.trainer.get("precision")) != "32":
-            raise LabError(f"agent.cuda_graph=true needs trainer.precision=32 (it is {cfg.trainer.get('precision')}): "
+        if self.graphed and ctx.precision != "32":
+            raise LabError(f"agent.cuda_graph=true needs trainer.precision=32 (it is {ctx.precision}): "
                            "autocast's weight cache cannot be captured")
-        self.learning_run = cfg.get("mode", "train") == "train"  # mode=eval builds no envs or buffer
+        self.learning_run = ctx.mode == "train"  # mode=eval builds no envs or buffer
         probe = make_env(cfg.env, 1, ctx.seed)
         self.atari = is_atari(str(cfg.env.id))
         self.frameskip = int(cfg.env.frameskip) if self.atari else 1
@@ -157,11 +165,15 @@ class DQN(Task):
 
     # ---- trainer contract -------------------------------------------------------------------------
     def optimizers(self, total_steps: int | None) -> dict[str, Any]:
+        """`optimizer:` (Adam in every recipe), fused into one kernel where torch has one; with agent.cuda_graph
+        `capturable`, so that its step count lives on the GPU, inside the graph."""
         device = next(self.q.parameters()).device
-        fused = device.type in ("cuda", "cpu")  # one kernel for all parameters
-        capturable = self.graphed and device.type == "cuda"  # its step count lives on the GPU, for the graph
-        return {"q": torch.optim.Adam(self.q.parameters(), lr=self.a.learning_rate, eps=self.a.adam_eps, fused=fused,
-                                      capturable=capturable)}
+        fast: dict[str, Any] = {}
+        if str(self.cfg.optimizer.get("_target_")) in ("torch.optim.Adam", "torch.optim.AdamW"):
+            fast = {"fused": device.type in ("cuda", "cpu"), "capturable": self.graphed and device.type == "cuda"}
+        elif self.graphed:
+            raise LabError(f"agent.cuda_graph=true needs Adam (optimizer=adam), not {self.cfg.optimizer._target_}")
+        return {"q": build(self.cfg.optimizer, "optimizer", self.q.parameters(), **fast)}
 
     def train_data(self) -> Iterator[int]:
         return itertools.count()  # endless: one item per iteration; the budget is trainer.max_steps
@@ -178,65 +190,93 @@ class DQN(Task):
         return a.epsilon_end + (a.epsilon_start - a.epsilon_end) * max(0.0, 1.0 - self.env_steps / span)
 
     def training_step(self, batch: Any, optim: Any) -> dict[str, Any]:
-        a, n = self.a, self.a.num_envs
-        vector_steps = a.train_frequency // n
-        learning = (self.env_steps >= a.learning_starts
-                    and (self.buffer.written - self.refill_from) * n >= min(a.learning_starts, a.buffer_size))
-        updates = a.gradient_steps if learning and self.buffer.can_sample(a.n_step) else 0
+        """One iteration: for each vector step act, learn (its share of the updates), store; then the target."""
+        a = self.a
+        vector_steps = a.train_frequency // a.num_envs
+        updates = a.gradient_steps if self.learning() else 0
         eps = self.epsilon()
-        out: dict[str, Any] = {"epsilon": eps}
-        losses, qs, returns, lengths = [], [], [], []
+        losses: list[torch.Tensor] = []
+        qs: list[torch.Tensor] = []
+        episodes: list[tuple[float, int]] = []
         for i in range(vector_steps):
             k = updates * (i + 1) // vector_steps - updates * i // vector_steps  # updates during this vector step
-            explore, actions = self.explore(n, eps)
-            act_obs = None if explore.all() else self.obs
-            if k and not self.graphed:  # the first update's forward pass also gives the greedy actions
-                loss, q, greedy = self.td_loss(act_obs)
-            elif act_obs is None:
-                greedy = None
-            else:
-                greedy = self.greedy(act_obs)
-            if greedy is not None:
-                actions = np.where(explore, actions, greedy)
-            self._send(actions)  # AtariVectorEnv steps in its C++ threads during the backward passes
-            for j in range(k):
-                if self.graphed:  # sampling, TD loss, backward and Adam: one launch
-                    loss, q = self.graphed_update(optim)
-                else:
-                    if j:
-                        loss, q, _ = self.td_loss()
-                    optim.step("q", loss)
-                self.updates += 1
+            actions, first = self.act_and_send(eps, learn=k > 0)
+            for loss, q in self.learn(k, optim, first):  # while AtariVectorEnv steps in its C++ threads
                 losses.append(loss.detach())
                 qs.append(q)
-            obs, reward, term, trunc, info = self._recv(actions)
-            real = ~self.tracker.resetting
-            learn_term = term.copy()
-            lives = info.get("lives")
-            if a.terminal_on_life_loss and lives is not None and self.lives is not None:
-                learn_term |= (lives < self.lives) & real
-            self.lives = lives
-            learn_reward = np.sign(reward) if a.clip_rewards else reward
-            self.buffer.add(self.obs, actions, learn_reward, learn_term, trunc, self.first, real)
-            for _, ret, length in self.tracker.update(reward, term, trunc):
-                returns.append(ret)
-                lengths.append(length)
-            self.first = ~real  # after an autoreset step the observation starts an episode
-            self.obs = obs
-            self.env_steps += n
-        if updates:  # every target_update_interval env steps: target <- tau * online + (1 - tau) * target
-            interval = a.target_update_interval
-            crossed = self.env_steps // interval - (self.env_steps - a.train_frequency) // interval
-            if crossed:  # k Polyak steps at once (interval < train_frequency): 1 - (1 - tau)^k of the way
-                with torch.no_grad():
-                    torch._foreach_lerp_(list(self.q_target.parameters()), list(self.q.parameters()),
-                                         1 - (1 - a.tau) ** crossed)
+            episodes += self.store(actions)
+        if updates:
+            self.update_target()
+        out: dict[str, Any] = {"epsilon": eps}
         if losses:
             out["loss"] = torch.stack(losses).mean()
             out["q_mean"] = torch.stack(qs).mean()
-        if returns:
-            out["episode_return"], out["episode_length"] = returns, lengths  # logged as a mean over episodes
+        if episodes:  # logged as a mean over the episodes
+            out["episode_return"], out["episode_length"] = [r for r, _ in episodes], [n for _, n in episodes]
         return out
+
+    def learning(self) -> bool:
+        """Whether this iteration updates: past learning_starts, and (after a resume without the replay buffer)
+        refilled with as many transitions."""
+        a = self.a
+        refilled = (self.buffer.written - self.refill_from) * a.num_envs >= min(a.learning_starts, a.buffer_size)
+        return self.env_steps >= a.learning_starts and refilled and self.buffer.can_sample(a.n_step)
+
+    def act_and_send(self, eps: float, learn: bool) -> tuple[np.ndarray, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Epsilon-greedy actions for every env, sent to the envs. With `learn` (eager), the first update's
+        (loss, mean Q) come from the same forward pass that gives the greedy actions."""
+        explore, actions = self.explore(self.a.num_envs, eps)
+        act_obs = None if explore.all() else self.obs
+        first = None
+        if learn and not self.graphed:
+            loss, q, greedy = self.td_loss(act_obs)
+            first = (loss, q)
+        else:
+            greedy = None if act_obs is None else self.greedy(act_obs)
+        if greedy is not None:
+            actions = np.where(explore, actions, greedy)
+        self._send(actions)
+        return actions, first
+
+    def learn(self, k: int, optim: Any, first: tuple[torch.Tensor, torch.Tensor] | None
+              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """k updates, each yielding (loss, mean Q); the first eager one uses the loss `act_and_send` computed."""
+        for j in range(k):
+            if self.graphed:  # sampling, TD loss, backward and Adam: one launch
+                loss, q = self.graphed_update(optim)
+            else:
+                loss, q = first if j == 0 and first is not None else self.td_loss()[:2]
+                optim.step("q", loss)
+            self.updates += 1
+            yield loss, q
+
+    def store(self, actions: np.ndarray) -> list[tuple[float, int]]:
+        """Receive the envs' step and store it; (return, length) of each game that ended."""
+        a = self.a
+        obs, reward, term, trunc, info = self._recv(actions)
+        real = ~self.tracker.resetting
+        learn_term = term.copy()
+        lives = info.get("lives")
+        if a.terminal_on_life_loss and lives is not None and self.lives is not None:
+            learn_term |= (lives < self.lives) & real
+        self.lives = lives
+        learn_reward = np.sign(reward) if a.clip_rewards else reward
+        self.buffer.add(self.obs, actions, learn_reward, learn_term, trunc, self.first, real)
+        ended = [(ret, length) for _, ret, length in self.tracker.update(reward, term, trunc)]
+        self.first = ~real  # after an autoreset step the observation starts an episode
+        self.obs = obs
+        self.env_steps += a.num_envs
+        return ended
+
+    def update_target(self) -> None:
+        """Every target_update_interval env steps: target <- tau * online + (1 - tau) * target."""
+        a = self.a
+        interval = a.target_update_interval
+        crossed = self.env_steps // interval - (self.env_steps - a.train_frequency) // interval
+        if crossed:  # k Polyak steps at once (interval < train_frequency): 1 - (1 - tau)^k of the way
+            with torch.no_grad():
+                torch._foreach_lerp_(list(self.q_target.parameters()), list(self.q.parameters()),
+                                     1 - (1 - a.tau) ** crossed)
 
     def evaluate(self) -> dict[str, float]:
         # Its own random draws, one stream per evaluation: evaluating (how often, how long) never moves training's.
@@ -333,12 +373,20 @@ class DQN(Task):
         return self.env.recv() if hasattr(self.env, "recv") else self.env.step(actions)
 
     # ---- checkpoint -----------------------------------------------------------------------------------
+    def snapshot_state(self) -> dict[str, Any]:
+        """best.pt: the weights and counters, without the replay buffer (no run resumes from best.pt)."""
+        self._without_replay = True
+        try:
+            return self.state_dict()
+        finally:
+            self._without_replay = False
+
     def get_extra_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"env_steps": self.env_steps, "updates": self.updates,
                                  "evaluations": self.evaluator.count, "rng": self.rng.bit_generator.state}
         if self.learning_run:
             state["replay_generator"] = self.generator.get_state()  # which transitions the updates draw
-        if self.learning_run and self.a.save_replay and not self.snapshot_only:  # best.pt: weights, no replay
+        if self.learning_run and self.a.save_replay and not getattr(self, "_without_replay", False):
             state["buffer"] = self.buffer.state_dict()
         return state
 

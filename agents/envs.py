@@ -90,9 +90,11 @@ def make_env(cfg: DictConfig, num_envs: int, seed: int, render: bool = False,
 
 @dataclass
 class EpisodeTracker:
-    """Whole-episode returns (unclipped) and lengths of a vector env in "next step" autoreset mode."""
+    """Whole-episode returns (unclipped) and lengths of a vector env: in "next step" autoreset mode (the step
+    after an episode's end is its reset and counts for nothing), or `same_step` (SB3's: that step resets too)."""
 
     num_envs: int
+    same_step: bool = False
     returns: np.ndarray = field(init=False)
     lengths: np.ndarray = field(init=False)
     resetting: np.ndarray = field(init=False)  # this env's next step is an autoreset (its action is ignored)
@@ -111,7 +113,8 @@ class EpisodeTracker:
         ended = [(int(i), float(self.returns[i]), int(self.lengths[i])) for i in np.flatnonzero(done)]
         self.returns[done] = 0.0
         self.lengths[done] = 0
-        self.resetting = done
+        if not self.same_step:
+            self.resetting = done
         return ended
 
     def state_dict(self) -> dict[str, Any]:

@@ -9,17 +9,18 @@ SB3 owns the learning (its replay buffer, optimizer, target network, epsilon sch
 
 How the lab's keys map onto `stable_baselines3.DQN`:
 
-    learning_rate, buffer_size, learning_starts, batch_size, gamma, tau, gradient_steps,
+    optimizer.lr               -> learning_rate
+    optimizer.eps, .betas, .weight_decay -> the Adam optimizer's (optimizer_kwargs); SB3 uses Adam only
+    buffer_size, learning_starts, batch_size, gamma, tau, gradient_steps,
     target_update_interval, exploration_fraction  -> the same names
     train_frequency            -> train_freq = train_frequency // num_envs (SB3 counts vector steps)
     epsilon_start, epsilon_end -> exploration_initial_eps, exploration_final_eps (over the whole total_timesteps)
     n_step                     -> n_steps (stable-baselines3 >= 2.7)
     hidden                     -> MLP: net_arch; pixels: the NatureCNN's features_dim (hidden[-1])
-    adam_eps                   -> the Adam optimizer's eps
     trainer.grad_clip          -> max_grad_norm (null: SB3's default, 10)
 
-SB3's DQN has no Double DQN, dueling heads or MSE loss, and trains in float32: those settings are refused.
-`trainer.compile` has no effect (SB3 calls its Q-networks directly, not the compiled policy module).
+SB3's DQN has no Double DQN, dueling heads or MSE loss, and trains in float32: those settings are refused, and
+so is `trainer.compile` (SB3 calls its Q-networks directly, not the compiled policy module).
 """
 
 from __future__ import annotations
@@ -33,14 +34,15 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from stable_baselines3 import DQN
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
-from agents.envs import Evaluator, is_atari, make_env
+from agents.dqn import check_agent_config
+from agents.envs import EpisodeTracker, Evaluator, is_atari, make_env
 from lab.errors import LabError
 from lab.task import RunContext, Task
 
@@ -69,8 +71,7 @@ class SB3VecEnv(VecEnv):
         self.env = env
         self.clip_rewards, self.life_loss_done = clip_rewards, life_loss_done
         super().__init__(env.num_envs, env.single_observation_space, env.single_action_space)
-        self.returns = np.zeros(self.num_envs, np.float64)
-        self.lengths = np.zeros(self.num_envs, np.int64)
+        self.tracker = EpisodeTracker(self.num_envs, same_step=True)
         self.lives: np.ndarray | None = None
         self.episodes: list[tuple[float, int]] = []  # (return, length) of games ended since pop_episodes()
         self._actions: np.ndarray | None = None
@@ -79,7 +80,7 @@ class SB3VecEnv(VecEnv):
         seed = self._seeds[0]  # VecEnv.seed(s) asks for s, s+1, ...: what an int seed gives every sub-env
         obs, info = self.env.reset(seed=seed)
         self._reset_seeds()
-        self.returns[:], self.lengths[:] = 0.0, 0
+        self.tracker = EpisodeTracker(self.num_envs, same_step=True)
         self.lives = info.get("lives")
         return obs
 
@@ -93,21 +94,18 @@ class SB3VecEnv(VecEnv):
             obs, reward, term, trunc, info = self.env.recv()
         else:
             obs, reward, term, trunc, info = self.env.step(self._actions)
-        ended = term | trunc
-        self.returns += reward
-        self.lengths += 1
-        dones = ended.copy()
+        ended = self.tracker.update(reward, term, trunc)
+        dones = term | trunc
         lives = info.get("lives")
         if self.life_loss_done and lives is not None and self.lives is not None:
             dones |= lives < self.lives  # after a game's reset lives only go up
         self.lives = lives
         infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
-        for i in np.flatnonzero(ended):
+        for i, ret, length in ended:
             infos[i]["terminal_observation"] = info["final_obs"][i]
             infos[i]["TimeLimit.truncated"] = bool(trunc[i] and not term[i])
-            infos[i]["episode"] = {"r": float(self.returns[i]), "l": int(self.lengths[i])}
-            self.episodes.append((float(self.returns[i]), int(self.lengths[i])))
-            self.returns[i], self.lengths[i] = 0.0, 0
+            infos[i]["episode"] = {"r": ret, "l": length}
+            self.episodes.append((ret, length))
         learn_reward = np.sign(reward) if self.clip_rewards else reward
         return obs, learn_reward.astype(np.float32), dones, infos
 
@@ -167,11 +165,9 @@ class _Chunks(BaseCallback):
             self.losses.append(float(self.logger.name_to_value["train/loss"]))
 
 
-def check_config(cfg: DictConfig, distributed: bool) -> None:
+def check_config(cfg: DictConfig) -> None:
     """Refuse what SB3's DQN (or this baseline) cannot do, with one line each."""
     a = cfg.agent
-    if distributed:
-        raise LabError("the SB3 DQN baseline runs in one process; drop torchrun (raise agent.num_envs instead)")
     for key, what in (("double", "Double DQN"), ("dueling", "dueling heads")):
         if a.get(key):
             raise LabError(f"agent.{key}=true: stable-baselines3's DQN has no {what}; set agent.{key}=false "
@@ -181,19 +177,26 @@ def check_config(cfg: DictConfig, distributed: bool) -> None:
     if a.get("save_replay"):
         raise LabError("agent.save_replay=true: the SB3 baseline does not checkpoint its replay buffer; "
                        "set agent.save_replay=false (a resume refills it)")
+    if a.get("cuda_graph"):
+        raise LabError("agent.cuda_graph=true: the SB3 baseline runs SB3's own update; set agent.cuda_graph=false")
     if str(a.get("buffer_device", "auto")) not in ("auto", "cpu"):
         raise LabError(f"agent.buffer_device={a.buffer_device}: SB3 keeps its replay buffer in host memory; "
                        "use auto or cpu")
-    if a.num_envs < 1 or a.train_frequency < a.num_envs or a.train_frequency % a.num_envs:
-        raise LabError(f"agent.train_frequency={a.train_frequency} (env steps per iteration) must be a positive "
-                       f"multiple of agent.num_envs={a.num_envs}")
-    if a.n_step < 1 or not 0 < a.gamma <= 1 or not 0 < a.tau <= 1 or not list(a.hidden):
-        raise LabError("agent.n_step must be >= 1, agent.gamma and agent.tau in (0, 1], agent.hidden non-empty")
+    check_agent_config(a)
     if a.n_step > 1 and "n_steps" not in inspect.signature(DQN).parameters:
         raise LabError(f"agent.n_step={a.n_step}: n-step returns need stable-baselines3 >= 2.7; upgrade it or set "
                        "agent.n_step=1")
-    if str(cfg.trainer.precision) != "32":
-        raise LabError(f"trainer.precision={cfg.trainer.precision}: SB3 trains in float32; set trainer.precision=32")
+    target = str(cfg.optimizer.get("_target_"))
+    if target != "torch.optim.Adam":
+        raise LabError(f"optimizer._target_={target}: stable-baselines3's DQN trains with Adam; use optimizer=adam")
+
+
+def adam_kwargs(opt: DictConfig) -> dict[str, Any]:
+    """The `optimizer:` block's Adam settings besides the learning rate, as SB3's `optimizer_kwargs`."""
+    kwargs = {k: v for k, v in OmegaConf.to_container(opt, resolve=True).items() if k not in ("_target_", "lr")}
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    return kwargs
 
 
 def check_replay_memory(buffer_size: int, obs_space: gym.spaces.Space, total_bytes: int | None = None) -> int:
@@ -218,12 +221,18 @@ class SB3DQN(Task):
     main_metric = "eval/episode_return"
     step_metric = "env_steps"
     main_mode = "max"
+    progress_keys = ("loss", "episode_return")
+    single_process = "raise agent.num_envs instead"
+    fp32_only = "as stable-baselines3 does"
 
     def __init__(self, cfg: DictConfig, ctx: RunContext):
         super().__init__(cfg, ctx)
-        check_config(cfg, ctx.dist.enabled)
+        check_config(cfg)
+        if ctx.compile:
+            raise LabError("trainer.compile=true: SB3 calls its Q-networks directly, so nothing would be compiled; "
+                           "set trainer.compile=false")
         a = self.a = cfg.agent
-        self.train_mode = cfg.get("mode", "train") == "train"
+        self.train_mode = ctx.mode == "train"
         # mode=eval builds the model only to load weights into: one env, no replay memory.
         n = int(a.num_envs) if self.train_mode else 1
         self.env = SB3VecEnv(make_same_step_env(cfg.env, n, ctx.seed), clip_rewards=bool(a.clip_rewards),
@@ -234,15 +243,15 @@ class SB3DQN(Task):
             check_replay_memory(int(a.buffer_size), self.env.observation_space)
         pixels = len(self.env.observation_space.shape) == 3
         hidden = [int(h) for h in a.hidden]
-        policy_kwargs: dict[str, Any] = {"optimizer_kwargs": {"eps": float(a.adam_eps)}}
+        policy_kwargs: dict[str, Any] = {"optimizer_kwargs": adam_kwargs(cfg.optimizer)}
         if pixels:  # NatureCNN: conv torso + Linear(features_dim) + ReLU, then Linear(n_actions): the lab's net
             policy_kwargs.update(net_arch=[], features_extractor_kwargs={"features_dim": hidden[-1]})
         else:
             policy_kwargs["net_arch"] = hidden
-        grad_clip = cfg.trainer.get("grad_clip")
+        grad_clip = ctx.grad_clip
         self.model = DQN(
             "CnnPolicy" if pixels else "MlpPolicy", self.env,
-            learning_rate=float(a.learning_rate), buffer_size=int(a.buffer_size) if self.train_mode else n,
+            learning_rate=float(cfg.optimizer.lr), buffer_size=int(a.buffer_size) if self.train_mode else n,
             learning_starts=int(a.learning_starts), batch_size=int(a.batch_size), tau=float(a.tau),
             gamma=float(a.gamma), train_freq=int(a.train_frequency) // n, gradient_steps=int(a.gradient_steps),
             optimize_memory_usage=False, target_update_interval=int(a.target_update_interval),

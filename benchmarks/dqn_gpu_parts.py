@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import record  # noqa: E402
 from agents.dqn import QNetwork  # noqa: E402
-from lab.trainer import native_bf16  # noqa: E402
+from lab.devices import native_bf16  # noqa: E402
 
 
 def env_rate(num_envs: int, threads: int, seconds: float) -> int:

@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import record  # noqa: E402
+from lab.io import read_metrics  # noqa: E402
 
 
 def first_reaching(curve: list[dict], target: float) -> dict | None:
@@ -80,8 +81,7 @@ def run_logged(cmd: list[str], log: Path, timeout: float,
 
 
 def rows_of(run: Path) -> list[dict[str, Any]]:
-    path = run / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
+    return read_metrics(run)
 
 
 def gpu() -> dict[str, Any]:

@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import record  # noqa: E402
+from lab.io import read_metrics  # noqa: E402
 
 HPARAMS = dict(batch_size=32, train_frequency=4, gradient_steps=1, learning_rate=1e-4, target_update_interval=1000,
                buffer_size=100_000, gamma=0.99, exploration_fraction=0.1, epsilon_end=0.01)
@@ -51,7 +52,7 @@ def lab_speed() -> list[str]:
     compile measured no faster there, batch-1 acting), else fp32 with channels-last (compile measured slower)."""
     import torch
 
-    from lab.trainer import native_bf16
+    from lab.devices import native_bf16
 
     if native_bf16(torch.device("cpu")):
         return ["trainer.precision=bf16"]
@@ -64,7 +65,8 @@ def lab_args(steps: int, starts: int, envs: int, run_dir: str, extra: list[str])
             f"hydra.run.dir={run_dir}", f"agent.total_timesteps={steps}", f"agent.learning_starts={starts}",
             f"agent.num_envs={envs}", "agent.eval_episodes=1", "agent.eval_num_envs=1", "agent.video=false",
             f"agent.eval_every={10 * steps}", f"agent.log_every={max(4 * envs, steps // 50)}",
-            *[f"agent.{k}={v}" for k, v in a.items()], *extra]
+            f"optimizer.lr={a['learning_rate']}", *[f"agent.{k}={v}" for k, v in a.items() if k != "learning_rate"],
+            *extra]
 
 
 def sb3_worker(steps: int, starts: int, envs: int, env_threads: int) -> None:
@@ -199,7 +201,7 @@ def run_child(args: list[str], env: dict[str, str]) -> tuple[subprocess.Complete
 
 
 def lab_rate(run_dir: Path, starts: int) -> dict:
-    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir)
     train = [r for r in rows if "perf/steps_per_sec" in r and "train/loss" in r and r["env_steps"] > starts]
     first, last = train[0], train[-1]
     # The first row after learning starts closes a window that began before it: time from its end.

@@ -36,7 +36,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from omegaconf import OmegaConf  # noqa: E402
 
 import record  # noqa: E402
 from generative.neural_style import IMAGENET_MEAN, IMAGENET_STD, layer_names, load_image, load_vgg  # noqa: E402
@@ -175,7 +174,7 @@ def main() -> None:
     args.weights = args.weights or args.data / "weights" / "vgg16_hed_features.pth"
     content = load_image(args.data / "images" / "chelsea.png", args.size, "content")
     style = load_image(args.data / "images" / "scream.jpg", max(content.shape[-2:]), "style")
-    cnn = load_vgg(OmegaConf.create({"arch": args.arch, "weights": str(args.weights)})).eval()
+    cnn = load_vgg(args.arch, str(args.weights)).eval()
 
     lab, lab_img = lab_run(args, [], "bf16")
     print(f"lab bf16: {lab}", flush=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import shlex
@@ -16,7 +15,8 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(RESULTS.parents[1]))  # the repository, for lab.io and lab.trainer
 
-from lab.trainer import native_bf16  # noqa: E402
+from lab.devices import native_bf16  # noqa: E402
+from lab.io import read_metrics  # noqa: E402
 
 
 def run_lab(args: list[str], run_dir: Path, **kwargs: Any) -> tuple[list[dict[str, Any]], float]:
@@ -26,7 +26,7 @@ def run_lab(args: list[str], run_dir: Path, **kwargs: Any) -> tuple[list[dict[st
     subprocess.run([sys.executable, "-m", "lab", *args, f"hydra.run.dir={run_dir}"], cwd=RESULTS.parents[1],
                    check=True, **kwargs)
     wall = time.perf_counter() - t0
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()], wall
+    return read_metrics(run_dir), wall
 
 
 def machine() -> dict[str, Any]:

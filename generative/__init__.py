@@ -1,1 +1,1 @@
-"""Placeholder package; its experiments arrive with later issues."""
+"""Generative models: DCGAN (dcgan.py) with its FID (fid.py), the autoencoder and VAE, neural style transfer."""

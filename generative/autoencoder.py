@@ -16,7 +16,6 @@ to the same classifier on raw pixels.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -24,9 +23,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from generative.dcgan import save_png
-from lab import data
+from lab import data, media
+from lab.config import build
 from lab.errors import LabError
+from lab.optim import build_optimizer
 from lab.plots import plt
 from lab.task import RunContext, Task
 
@@ -86,14 +86,14 @@ class Autoencoder(Task):
         self.loader = data.TensorLoader(self.train_x, self.train_y, d.batch_size, seed=ctx.seed, rank=ctx.dist.rank,
                                         world_size=ctx.dist.world_size, transform=to_unit)
         _, c, h, _ = train.images.shape
-        self.model = ConvAutoencoder(c, h, m.latent_dim, m.width, m.variational)
+        self.model = build(m, "model", channels=c, image_size=h)
         # Gaussian fitted to the training codes (mean, Cholesky factor): what the plain autoencoder samples from.
         self.register_buffer("code_mean", torch.zeros(m.latent_dim))
         self.register_buffer("code_chol", torch.eye(m.latent_dim))
         self.pixel_accuracy: float | None = None  # the raw-pixel linear classifier: trained once
 
     def optimizers(self, total_steps: int | None) -> dict[str, Any]:
-        return {"model": torch.optim.Adam(self.model.parameters(), lr=self.cfg.model.lr)}
+        return {"model": build_optimizer(self.cfg.optimizer, self.model.parameters())}
 
     def train_data(self) -> data.TensorLoader:
         return self.loader
@@ -191,16 +191,7 @@ class Autoencoder(Task):
     # ---- mode=generate ---------------------------------------------------------------------------
     def generate(self, n: int) -> dict[str, Any]:
         """`mode=generate checkpoint=PATH n=N`: N images decoded from random codes, `generated.png`."""
-        from torchvision.utils import make_grid
-
-        from lab.logger import to_uint8_hwc
-
-        nrow = int(math.ceil(math.sqrt(n)))
-        images = self.sample(n).cpu()
-        path = self.ctx.run_dir / "generated.png"
-        save_png(path, to_uint8_hwc(make_grid(images, nrow=nrow, padding=2, pad_value=1.0)))
-        self.ctx.logger.log_grid("generated", images, nrow=nrow)
-        return {"generated": str(path), "n": n}
+        return media.write_generated(self.ctx.run_dir, self.ctx.logger, self.sample(n).cpu())
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:

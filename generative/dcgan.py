@@ -2,7 +2,8 @@
 
 Generator: z (nz) -> ConvTranspose 4x4 -> [ConvTranspose stride 2, BatchNorm, ReLU] x k -> tanh image.
 Discriminator: [Conv stride 2, BatchNorm (not on the first), LeakyReLU 0.2] x k -> Conv 4x4 -> logit.
-Weights N(0, 0.02), BatchNorm scales N(1, 0.02); Adam 2e-4, betas (0.5, 0.999). One trainer step:
+Weights N(0, 0.02), BatchNorm scales N(1, 0.02); `optimizer:` (Adam 2e-4, betas (0.5, 0.999)) for each
+network. One trainer step:
 
     fake = G(z)
     loss_d = bce(D(real), 1) + bce(D(fake.detach()), 0);   optim.step("d", loss_d)
@@ -17,7 +18,6 @@ ends with an animation of those grids. `mode=generate checkpoint=PATH n=64` writ
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,8 +27,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from generative.fid import FID, classifier_seed
-from lab import data, io
+from lab import data, media
 from lab.errors import LabError
+from lab.optim import build_optimizer
 from lab.task import RunContext, Task
 
 
@@ -92,13 +93,12 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 class DCGAN(Task):
     main_metric = "eval/fid"
     main_mode = "min"
+    progress_keys = ("loss_d", "loss_g")
+    single_process = "DDP would sync BatchNorm buffers between the two D forwards of a step; raise data.batch_size"
 
     def __init__(self, cfg: DictConfig, ctx: RunContext):
         super().__init__(cfg, ctx)
         g, d = cfg.gan, cfg.data
-        if ctx.dist.enabled:
-            raise LabError("DCGAN runs in one process (DDP would sync BatchNorm buffers between the two D "
-                           "forwards of a step); drop torchrun, or raise data.batch_size on one device")
         if d.get("image_size") != g.image_size:
             raise LabError(f"data.image_size={d.get('image_size')} must equal gan.image_size={g.image_size}")
         train = data.from_config(d, "train")
@@ -121,10 +121,9 @@ class DCGAN(Task):
 
     # ---- trainer contract -----------------------------------------------------------------------------
     def optimizers(self, total_steps: int | None) -> dict[str, Any]:
-        g = self.cfg.gan
-        betas = (g.beta1, g.beta2)
-        return {"d": torch.optim.Adam(self.netD.parameters(), lr=g.lr, betas=betas),
-                "g": torch.optim.Adam(self.netG.parameters(), lr=g.lr, betas=betas)}
+        """One `optimizer:` setting, an optimizer for each network."""
+        return {"d": build_optimizer(self.cfg.optimizer, self.netD.parameters()),
+                "g": build_optimizer(self.cfg.optimizer, self.netG.parameters())}
 
     def train_data(self) -> data.TensorLoader:
         return self.loader
@@ -168,40 +167,16 @@ class DCGAN(Task):
     # ---- mode=generate and the end of the run ----------------------------------------------------------
     def generate(self, n: int) -> dict[str, Any]:
         """`mode=generate checkpoint=PATH n=N`: a grid of N new samples, `generated.png` in the run directory."""
-        from torchvision.utils import make_grid
-
-        from lab.logger import to_uint8_hwc
-
-        images = torch.cat([self.sample(min(500, n - i)) for i in range(0, n, 500)])
-        grid = make_grid(images.cpu(), nrow=int(math.ceil(math.sqrt(n))), padding=2, pad_value=1.0)
-        path = self.ctx.run_dir / "generated.png"
-        save_png(path, to_uint8_hwc(grid))
-        self.ctx.logger.log_grid("generated", images, nrow=int(math.ceil(math.sqrt(n))))
-        return {"generated": str(path), "n": n}
+        images = torch.cat([self.sample(min(500, n - i)).cpu() for i in range(0, n, 500)])
+        return media.write_generated(self.ctx.run_dir, self.ctx.logger, images)
 
     def close(self) -> None:
         """The animation of the fixed-noise grids over training (all epochs, resumed runs included)."""
-        if self.cfg.get("mode", "train") == "train" and self.ctx.dist.is_main:
+        if self.ctx.mode == "train" and self.ctx.dist.is_main:
             frames = sorted((self.ctx.run_dir / "media").glob("samples_*.png"))
             if len(frames) > 1:
-                save_animation(self.ctx.run_dir / "samples.gif", frames, self.cfg.gan.animation_fps)
+                media.save_animation(self.ctx.run_dir / "samples.gif", frames, self.cfg.gan.animation_fps)
                 from PIL import Image
 
                 video = [np.asarray(Image.open(f).convert("RGB")) for f in frames]
                 self.ctx.logger.log_video("samples_animation", np.stack(video), fps=self.cfg.gan.animation_fps)
-
-
-def save_png(path: Path, image: np.ndarray) -> None:
-    """Write a PNG atomically (HW or HWC uint8)."""
-    from PIL import Image
-
-    io.write_atomic(path, lambda f: Image.fromarray(image).save(f, format="PNG"), "wb")
-
-
-def save_animation(path: Path, frames: list[Path], fps: int) -> None:
-    """A looping GIF of PNG frames, written atomically (Pillow; no extra dependency)."""
-    from PIL import Image
-
-    images = [Image.open(f).convert("RGB") for f in frames]
-    io.write_atomic(path, lambda f: images[0].save(f, format="GIF", save_all=True, append_images=images[1:],
-                                              duration=int(1000 / fps), loop=0), "wb")

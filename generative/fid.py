@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lab import io
+from lab.devices import native_bf16
 from lab.errors import LabError
-from lab.trainer import native_bf16
 from vision.deep_cnn import DeepCNN
 
 

@@ -5,11 +5,12 @@
     style    = sum_l mean((G_l(x) - G_l(style))^2),  G = F F^T / (C H W)   on style.style_layers
     loss     = content_weight * content + style_weight * style + tv_weight * total_variation(x)
 
-x starts from the content image. With `style.optimizer=lbfgs` one trainer step is one L-BFGS
+x starts from the content image. With `optimizer=lbfgs` (StepLBFGS) one trainer step is one L-BFGS
 iteration (one VGG forward and backward; the trainer's backward supplies the gradient, the
 curvature history persists across steps): the same sequence of iterates as `LBFGS.step(closure)`
-with max_iter=N and no line search, the PyTorch tutorial's setting. `style.optimizer=adam` is the
-alternative. Evaluations log the current image (the progression) and write `stylized.png`.
+with max_iter=N and no line search, the PyTorch tutorial's setting. `optimizer=adam` is the
+alternative. `model:` is the VGG (`load_vgg`). Evaluations log the current image (the progression)
+and write `stylized.png`.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from generative.dcgan import save_png
-from lab import checkpoint
+from lab import checkpoint, media
+from lab.config import build
 from lab.errors import LabError
-from lab.logger import to_uint8_hwc
+from lab.optim import build_optimizer
 from lab.task import RunContext, Task
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -83,13 +84,14 @@ def vgg_features(arch: str) -> nn.Sequential:
     return features
 
 
-def load_vgg(cfg: DictConfig) -> nn.Sequential:
-    """torchvision's VGG16/VGG19 `features`: from `model.weights` (a local state dict, or `imagenet` for
-    torchvision's download), or randomly initialised only when `model.random_init=true`."""
-    arch, weights = str(cfg.arch), cfg.get("weights")
+def load_vgg(arch: str, weights: str | None, random_init: bool = False) -> nn.Sequential:
+    """torchvision's VGG16/VGG19 `features` (`model:`, conf/model/vgg_features.yaml): from `model.weights` (a
+    local state dict, or `imagenet` for torchvision's download), or randomly initialised only when
+    `model.random_init=true`."""
+    arch = str(arch)
     if arch not in ("vgg16", "vgg19"):
         raise LabError(f"model.arch={arch} is not supported; use vgg16 or vgg19")
-    if cfg.get("random_init"):
+    if random_init:
         return vgg_features(arch)
     if not weights:
         raise LabError(f"no VGG weights: pass model.weights=PATH (a torchvision {arch} state dict) or "
@@ -145,15 +147,14 @@ class StepLBFGS(torch.optim.LBFGS):
 class NeuralStyle(Task):
     main_metric = "eval/loss"
     main_mode = "min"
+    single_process = "it optimises one image"
 
     def __init__(self, cfg: DictConfig, ctx: RunContext):
         super().__init__(cfg, ctx)
         s = cfg.style
-        if ctx.dist.enabled:
-            raise LabError("neural_style optimises one image in one process; drop torchrun")
         content = load_image(s.content, s.size, "content")
         style = load_image(s.style, max(content.shape[-2:]) if s.size else None, "style")
-        features = load_vgg(cfg.model)
+        features = build(cfg.model, "VGG features")
         names = layer_names(features)
         wanted = list(s.content_layers) + list(s.style_layers)
         unknown = [n for n in wanted if n not in names]
@@ -216,13 +217,13 @@ class NeuralStyle(Task):
 
     # ---- trainer contract ---------------------------------------------------------------------------------
     def optimizers(self, total_steps: int | None) -> dict[str, Any]:
-        s = self.cfg.style
-        if s.optimizer == "lbfgs":
-            self.lbfgs = StepLBFGS([self.image], lr=s.lr, history_size=s.history_size)
-            return {"image": self.lbfgs}
-        if s.optimizer == "adam":
-            return {"image": torch.optim.Adam([self.image], lr=s.lr)}
-        raise LabError(f"style.optimizer={s.optimizer} is not supported; use lbfgs or adam")
+        """`optimizer:` over the image: StepLBFGS (optimizer=lbfgs) or any torch optimizer (optimizer=adam)."""
+        opt = build_optimizer(self.cfg.optimizer, [self.image])
+        if isinstance(opt, torch.optim.LBFGS) and not isinstance(opt, StepLBFGS):
+            raise LabError("optimizer._target_=torch.optim.LBFGS needs a closure the trainer does not give; use "
+                           "optimizer=lbfgs (generative.neural_style.StepLBFGS: one iteration per step)")
+        self.lbfgs = opt if isinstance(opt, StepLBFGS) else None
+        return {"image": opt}
 
     def train_data(self) -> Iterator[int]:
         return itertools.count()  # no data set: the budget is trainer.max_steps = style.steps
@@ -246,7 +247,7 @@ class NeuralStyle(Task):
         image = self.image.detach().clamp(0, 1)
         out = {k: v.item() for k, v in self.losses(image[None]).items()}
         self.ctx.logger.log_image("stylized", image)
-        save_png(self.ctx.run_dir / "stylized.png", to_uint8_hwc(image))
+        media.save_png(self.ctx.run_dir / "stylized.png", image)
         return {**out, **self.initial}
 
     def get_extra_state(self) -> dict[str, Any]:

@@ -20,10 +20,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lab import config as _config  # noqa: F401 - registers the ${ceil_div:...} resolver
 from lab import distributed, io
+from lab.devices import resolve_device
 from lab.errors import LabError
 from lab.logger import RunLogger
 from lab.task import RunContext, Task
-from lab.trainer import Trainer, check_config, resolve_device
+from lab.trainer import Trainer, check_config, check_task, run_precision
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -42,9 +43,33 @@ def experiments() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 
+FAMILIES = {"agents": "Reinforcement learning (agents/)", "generative": "Generative models (generative/)",
+            "vision": "Vision (vision/)"}
+
+
+def describe_experiments() -> dict[str, list[tuple[str, str]]]:
+    """{family: [(experiment, its one-line description)]}: the family from the package of the yaml's `task:`,
+    the description from the yaml's first comment line."""
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for name in experiments():
+        path = CONF_DIR / "experiment" / f"{name}.yaml"
+        comments = [ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#")]
+        description = next((c for c in comments if c and not c.startswith("@package")), "")
+        task = str(OmegaConf.load(path).get("task") or "")
+        family = FAMILIES.get(task.split(".")[0], "Other")
+        groups.setdefault(family, []).append((name, description))
+    return groups
+
+
 def _usage(problem: str) -> str:
-    return (f"{problem}\nAvailable experiments: {', '.join(experiments())}\n"
-            "Run one with: python -m lab +experiment=NAME [key=value ...]")
+    lines = [problem, "Experiments (run one with: python -m lab +experiment=NAME [key=value ...]):"]
+    groups = describe_experiments()
+    width = max(len(n) for g in groups.values() for n, _ in g)
+    for family in [*FAMILIES.values(), "Other"]:
+        if family in groups:
+            lines.append(f"  {family}")
+            lines += [f"    {n:<{width}}  {d}" for n, d in groups[family]]
+    return "\n".join(lines)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -57,47 +82,59 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def task_class(name: str) -> type[Task]:
+    """The Task class an experiment's `task:` names (module.Class)."""
+    try:
+        task_cls = hydra.utils.get_class(name)
+    except Exception:  # noqa: BLE001
+        raise LabError(f"task={name!r} is not an importable class (module.Class)") from None
+    if not issubclass(task_cls, Task):
+        raise LabError(f"task={name!r} is not a lab.task.Task")
+    return task_cls
+
+
+MODES = ("train", "eval", "generate")
+
+
 def run(cfg: DictConfig) -> float | None:
     """Train the configured task; returns its main metric (the objective for sweepers)."""
     if not cfg.get("task"):
         raise LabError(_usage("No experiment chosen."))
-    check_config(cfg.trainer)
+    mode = str(cfg.get("mode", "train"))
+    if mode not in MODES:
+        raise LabError(f"mode={mode!r} is not a mode; use mode=train, mode=eval checkpoint=PATH "
+                       "or mode=generate checkpoint=PATH n=N")
+    if mode != "train" and not cfg.get("checkpoint"):
+        raise LabError(f"mode={mode} needs checkpoint=PATH (a run's checkpoints/best.pt or last.pt)")
+    t = cfg.trainer
+    check_config(t)
+    task_cls = task_class(cfg.task)
     info = distributed.from_env()
-    device = resolve_device(cfg.trainer.device, info.local_rank)
+    device = resolve_device(t.device, info.local_rank)
     distributed.init(info, device)
     logger = task = None
     try:
         run_dir = Path(distributed.broadcast(HydraConfig.get().runtime.output_dir, info))
-        seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
-        if cfg.trainer.get("num_threads"):
-            torch.set_num_threads(int(cfg.trainer.num_threads))
+        seed_everything(int(cfg.seed), bool(t.deterministic))
+        if t.get("num_threads"):
+            torch.set_num_threads(int(t.num_threads))
         _sweep_labels(cfg)
         config = OmegaConf.to_container(cfg, resolve=True)
         if info.is_main:  # Hydra's .hydra/config.yaml keeps interpolations; this is what the run used
             io.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(config))
         logger = RunLogger(cfg.logger, run_dir, config, enabled=info.is_main)
-        ctx = RunContext(device=device, dist=info, logger=logger, run_dir=run_dir, seed=int(cfg.seed))
-        try:
-            task_cls = hydra.utils.get_class(cfg.task)
-        except Exception:  # noqa: BLE001
-            raise LabError(f"task={cfg.task!r} is not an importable class (module.Class)") from None
-        if not issubclass(task_cls, Task):
-            raise LabError(f"task={cfg.task!r} is not a lab.task.Task")
+        ctx = RunContext(device=device, dist=info, logger=logger, run_dir=run_dir, seed=int(cfg.seed),
+                         precision=run_precision(t.precision, device, task_cls), compile=bool(t.compile),
+                         channels_last=bool(t.get("channels_last")), grad_clip=t.get("grad_clip"), mode=mode)
+        check_task(task_cls, ctx)
         task = task_cls(cfg, ctx)
-        trainer = Trainer(cfg.trainer, ctx, config)
-        if cfg.get("mode", "train") == "eval":
-            if not cfg.get("checkpoint"):
-                raise LabError("mode=eval needs checkpoint=PATH (a run's checkpoints/best.pt or last.pt)")
+        trainer = Trainer(t, ctx, config)
+        if mode == "eval":
             summary = trainer.evaluate_checkpoint(task, Path(str(cfg.checkpoint)))
-        elif cfg.get("mode", "train") == "generate":
-            if not cfg.get("checkpoint"):
-                raise LabError("mode=generate needs checkpoint=PATH (a run's checkpoints/best.pt or last.pt)")
+        elif mode == "generate":
             summary = trainer.generate_checkpoint(task, Path(str(cfg.checkpoint)), cfg.get("n", 64))
-        elif cfg.get("mode", "train") == "train":
-            summary = trainer.fit(task, resume=bool(cfg.resume))
         else:
-            raise LabError(f"mode={cfg.mode!r} is not a mode; use mode=train, mode=eval checkpoint=PATH "
-                           "or mode=generate checkpoint=PATH n=N")
+            summary = trainer.fit(task, resume=bool(cfg.resume))
     finally:
         if task is not None:
             task.close()
@@ -142,6 +179,42 @@ def hydra_main(cfg: DictConfig) -> float | None:
         sys.exit(2)
 
 
+def check_overrides(argv: list[str]) -> str | None:
+    """Hydra's strict mode in one line: compose the config as the run will (a sweep by its first value) and
+    return the problem with an override of a key the config does not have, before anything runs."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import ConfigCompositionException
+
+    if GlobalHydra.instance().is_initialized():  # called from inside a Hydra app: it composes for itself
+        return None
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+        lines = []
+        for o in parsed:
+            if o.key_or_group.startswith("hydra"):
+                continue
+            first = next(iter(o.sweep_string_iterator())) if o.is_sweep_override() else None
+            lines.append(o.input_line if first is None else f"{o.get_key_element()}={first}")
+    except Exception:  # noqa: BLE001 - a syntax Hydra reports itself, or a sweep with no first value (interval)
+        return None
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            compose("config", overrides=lines)
+    except ConfigCompositionException as e:
+        text = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        m = re.fullmatch(r"Could not override '(.+)'\.", text[0]) if text else None
+        if m:
+            return (f"{m.group(1)} is not a key of this config, so the override cannot take effect; check its "
+                    f"spelling (python -m lab +experiment=NAME --cfg job prints the config), or add a new key "
+                    f"with +{m.group(1)}=...")
+        return " ".join(text)[:400]
+    except Exception:  # noqa: BLE001 - anything else (a missing value, a plugin): the run reports it in its own words
+        return None
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `python -m lab` and the `lab` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -161,6 +234,10 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"error: {_usage(f'Unknown experiment: {unknown[0]!r}.')}", file=sys.stderr)
                 sys.exit(2)
     _register_plugins()
+    problem = check_overrides(argv)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     info = distributed.from_env()
     scratch = None
     if info.enabled and not info.is_main:

@@ -26,5 +26,7 @@ def build(cfg: DictConfig, what: str, *args: Any, **kwargs: Any) -> Any:
         return instantiate(cfg, *args, **kwargs)
     except Exception as e:  # noqa: BLE001 - a config typo must end in one line, not a traceback
         cause = e.__cause__ or e
+        if isinstance(cause, LabError):  # the built object's own refusal already says what to do
+            raise cause from None
         detail = " ".join(str(cause).split())[:400]
         raise LabError(f"cannot build the {what} from {OmegaConf.to_container(cfg)}: {detail}") from None

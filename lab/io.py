@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes (a reader sees the old file or the new one, never half of one), and reading a run's metrics."""
 
 from __future__ import annotations
 
@@ -51,3 +51,17 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def torch_save(path: str | os.PathLike, obj: Any) -> None:
     """`torch.save`, atomically: an interrupted save never replaces a good file."""
     write_atomic(path, lambda f: torch.save(obj, f), "wb")
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a `metrics.jsonl` (a run directory or the file itself), skipping a torn last line of a killed
+    run; none for a run that has not logged yet."""
+    path = Path(path)
+    path = path / "metrics.jsonl" if path.is_dir() else path
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lab import io
+from lab import io, media
 
 
 def _notice(msg: str) -> None:
@@ -198,18 +198,14 @@ class RunLogger:
         else:
             from PIL import Image
 
-            Image.fromarray(to_uint8_hwc(image)).save(path)
+            Image.fromarray(media.to_uint8_hwc(image)).save(path)
         self._media(key, "Image", path, step, caption=caption)
         return path
 
     def log_grid(self, key: str, images: torch.Tensor, nrow: int = 8, caption: str | None = None,
                  step: int | None = None) -> Path | None:
         """Save a batch of images (N, C, H, W; float in [0,1] or uint8) as one tiled PNG."""
-        from torchvision.utils import make_grid
-
-        images = images.detach().cpu()
-        images = images.float() / 255 if images.dtype == torch.uint8 else images.float().clamp(0, 1)
-        return self.log_image(key, make_grid(images, nrow=nrow, padding=2, pad_value=1.0), caption, step)
+        return self.log_image(key, media.grid(images, nrow), caption, step)
 
     def log_video(self, key: str, frames: Any, fps: int = 30, step: int | None = None) -> Path | None:
         """Save frames (T, H, W, C) uint8 as an mp4."""
@@ -261,15 +257,3 @@ def _step_of(line: str) -> float:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return math.inf  # a torn last line from a killed run is dropped
-
-
-def to_uint8_hwc(image: Any) -> np.ndarray:
-    """An image as HWC uint8 for saving: accepts CHW/HWC, tensor/array, float in [0,1] or uint8."""
-    if isinstance(image, torch.Tensor):
-        image = image.detach().float().cpu().numpy() if image.dtype != torch.uint8 else image.cpu().numpy()
-    a = np.asarray(image)
-    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
-        a = a.transpose(1, 2, 0)
-    if a.dtype != np.uint8:
-        a = (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
-    return a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a

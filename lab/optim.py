@@ -20,10 +20,10 @@ def build_optimizer(cfg: DictConfig, params: Iterable[torch.nn.Parameter]) -> to
 def build_scheduler(cfg: DictConfig | None, optimizer: torch.optim.Optimizer, total_steps: int | None) -> Any:
     """A per-step schedule: `name: none | onecycle | cosine | step` with its parameters.
 
-    onecycle: `max_lr` (peak), `pct_start`, `div_factor`, `final_div_factor`; momentum (or Adam's beta1)
-    cycles too when the optimizer has one. cosine: `eta_min`, `warmup` (share of the budget, linear from
-    lr/100). step: `step_size` and `gamma` (StepLR), or `milestones` as shares of the budget, e.g.
-    [0.5, 0.75] for He et al.'s lr/10 at 50% and 75%.
+    onecycle: peaks at the optimizer's lr (`optimizer.lr`), `pct_start`, `div_factor`, `final_div_factor`;
+    momentum (or Adam's beta1) cycles too when the optimizer has one. cosine: `eta_min`, `warmup` (share of
+    the budget, linear from lr/100). step: `step_size` and `gamma` (StepLR), or `milestones` as shares of
+    the budget, e.g. [0.5, 0.75] for He et al.'s lr/10 at 50% and 75%.
     """
     name = (cfg or {}).get("name", "none") if cfg is not None else "none"
     if name in ("none", None):
@@ -32,9 +32,12 @@ def build_scheduler(cfg: DictConfig | None, optimizer: torch.optim.Optimizer, to
         raise LabError(f"scheduler.name={name} needs a step budget: set trainer.max_epochs or trainer.max_steps")
     S = torch.optim.lr_scheduler
     if name == "onecycle":
+        if cfg.get("max_lr") is not None:
+            raise LabError("scheduler.max_lr is not a key: the one-cycle schedule peaks at optimizer.lr; set "
+                           "optimizer.lr instead")
         group = optimizer.defaults
         has_momentum = group.get("momentum", 0) > 0 or "betas" in group  # never add momentum to plain SGD
-        return S.OneCycleLR(optimizer, max_lr=cfg.max_lr, total_steps=total_steps,
+        return S.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps,
                             pct_start=cfg.get("pct_start", 0.25), div_factor=cfg.get("div_factor", 25.0),
                             final_div_factor=cfg.get("final_div_factor", 1e4),
                             cycle_momentum=cfg.get("cycle_momentum", has_momentum))

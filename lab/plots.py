@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -12,16 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The rows of a `metrics.jsonl`, skipping a torn last line."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
+from lab.io import read_metrics  # noqa: E402
 
 
 def plot_curves(path: str | Path, x: str = "step"):

@@ -20,6 +20,7 @@ from typing import Any
 
 from lab import io
 from lab.errors import LabError
+from lab.io import read_metrics
 
 MAX_CHARTS = 12
 
@@ -56,12 +57,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
     root = Path(*_common_parts([d.resolve() for d in dirs]))
     runs = []
     for d in dict.fromkeys(dirs):
-        rows = []
-        for line in (d / "metrics.jsonl").read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:  # a torn last line of a killed run
-                continue
+        rows = read_metrics(d)
         summary = _read_json(d / "summary.json")
         name = str(d.resolve().relative_to(root)) if d.resolve() != root else d.name
         runs.append(Run(d, name or d.name, rows, summary, _read_config(d)))

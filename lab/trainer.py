@@ -16,7 +16,8 @@ import math
 import re
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,41 +28,16 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from lab import checkpoint, distributed
+from lab.devices import DEVICE_SPEC, PRECISIONS, autocast, resolve_precision
 from lab.errors import LabError
 from lab.task import RunContext, Task
-
-PRECISIONS: dict[str, torch.dtype | None] = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 runs at hardware speed here: a CUDA GPU with bf16, or a CPU with oneDNN bf16 kernels
-    (AVX512/AVX512-BF16/AMX). On an AVX2-only CPU bf16 is emulated and several times slower than float32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
-
-
-def resolve_precision(spec: Any, device: torch.device) -> str:
-    """`auto` is bf16 where the device runs it natively, else 32; an explicit bf16 on a CPU that only
-    emulates it runs as asked, with a one-line warning."""
-    spec = str(spec)
-    if spec == "auto":
-        spec = "bf16" if native_bf16(device) else "32"
-        print(f"[lab] trainer.precision=auto: {spec} on {device}", flush=True)
-    elif spec == "bf16" and device.type == "cpu" and not native_bf16(device):
-        print(f"[lab] warning: trainer.precision=bf16 on a CPU without bf16 kernels "
-              f"({torch.backends.cpu.get_cpu_capability()}): emulated, several times slower than float32; "
-              "trainer.precision=auto picks the fast one", flush=True)
-    return spec
 
 
 def check_config(cfg: DictConfig) -> None:
     """Refuse bad trainer settings before anything runs."""
     if str(cfg.precision) not in (*PRECISIONS, "auto"):
         raise LabError(f"trainer.precision={cfg.precision!r} is not supported; use one of auto, 32, bf16, fp16")
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(cfg.device)):
+    if not re.fullmatch(DEVICE_SPEC, str(cfg.device)):
         raise LabError(f"trainer.device={cfg.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
     for key in ("max_steps", "max_epochs", "log_every", "eval_every", "checkpoint_every", "num_threads"):
         value = cfg.get(key)
@@ -74,25 +50,6 @@ def check_config(cfg: DictConfig) -> None:
         raise LabError(f"trainer.stop_at={stop_at!r} must be a number (the main metric's target) or null")
     if cfg.max_steps is None and cfg.max_epochs is None:
         raise LabError("set a budget: trainer.max_steps=N or trainer.max_epochs=N")
-
-
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """`auto` picks CUDA (this process's local rank), then MPS, then CPU; explicit choices are checked."""
-    spec = str(spec)
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise LabError(f"trainer.device={spec} but no CUDA device is visible; use trainer.device=auto or cpu")
-        index = int(spec.split(":")[1]) if ":" in spec else local_rank
-        if index >= torch.cuda.device_count():
-            raise LabError(f"trainer.device={spec}: only {torch.cuda.device_count()} CUDA device(s) here")
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    if spec == "mps" and not mps:
-        raise LabError("trainer.device=mps but MPS is not available; use trainer.device=auto or cpu")
-    return torch.device(spec)
 
 
 def metrics_line(metrics: dict[str, Any]) -> str:
@@ -136,6 +93,11 @@ class Optimizers:
         if sched is not None:
             sched.step()
 
+    def grad_norm_metrics(self) -> dict[str, torch.Tensor]:
+        """The clipped gradients' norms of this step, `grad_norm` (or `grad_norm_NAME` for several optimizers)."""
+        several = len(self.named) > 1
+        return {f"grad_norm_{k}" if several else "grad_norm": v for k, v in self.grad_norms.items()}
+
     def end_step(self) -> None:
         if self.scaler:
             self.scaler.update()
@@ -167,13 +129,79 @@ class Optimizers:
         return {("lr" if single else f"lr_{k}"): o.param_groups[0]["lr"] for k, (o, _) in self.named.items()}
 
 
+def check_task(task_cls: type[Task], ctx: RunContext) -> None:
+    """Refuse, before the task is built, a run that the task's capability flags rule out (one line each)."""
+    def why(flag: bool | str) -> str:
+        return f" ({flag})" if isinstance(flag, str) else ""
+
+    name = task_cls.__name__
+    if ctx.dist.enabled and task_cls.single_process:
+        raise LabError(f"{name} runs in one process{why(task_cls.single_process)}; drop torchrun")
+    if ctx.precision != "32" and task_cls.fp32_only:
+        raise LabError(f"trainer.precision={ctx.precision}: {name} trains in float32 only"
+                       f"{why(task_cls.fp32_only)}; set trainer.precision=32")
+
+
+def run_precision(spec: Any, device: torch.device, task_cls: type[Task] | None = None) -> str:
+    """The precision a run uses: `resolve_precision`, except that `auto` is 32 for a task that is `fp32_only`."""
+    if str(spec) == "auto" and task_cls is not None and task_cls.fp32_only:
+        print(f"[lab] trainer.precision=auto: 32 ({task_cls.__name__} trains in float32)", flush=True)
+        return "32"
+    return resolve_precision(spec, device)
+
+
+@dataclass
+class _Window:
+    """The train/ metrics of the steps since the last log row: sums and counts, steps, samples, start time."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # a task may report a key only on some steps
+    steps: int = 0
+    samples: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, values: dict[str, Any], samples: int) -> None:
+        for k, v in values.items():
+            if isinstance(v, list):  # several samples (the episodes that ended this step): each counts
+                v, n = torch.tensor(v, dtype=torch.float32).sum(), len(v)
+            else:
+                v, n = (v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))), 1
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.counts[k] = self.counts.get(k, 0) + n
+        self.steps += 1
+        self.samples += samples
+
+    def means(self) -> dict[str, float]:
+        return {f"train/{k}": (v / self.counts[k]).item() for k, v in self.sums.items()}
+
+
+@dataclass
+class _Run:
+    """Where the loop is: the counters a checkpoint keeps, and the state of this process's loop."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    last_eval_step: int = -1
+    elapsed_s: float = 0.0  # seconds of training before this process (a resumed run's earlier ones)
+    rng: Any = None  # a resumed run's random state, set once its data has skipped what it already trained on
+    resumed: dict[str, Any] | None = None  # the checkpoint this run resumed from
+    stopped: bool = False  # a signal asked to stop
+    window: _Window = field(default_factory=_Window)
+
+    COUNTERS = ("step", "epoch", "batch_in_epoch", "last_eval_step", "elapsed_s")
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, ctx: RunContext, config: dict[str, Any]):
         check_config(cfg)
         self.cfg, self.ctx, self.config = cfg, ctx, config
         self.device, self.dist, self.logger = ctx.device, ctx.dist, ctx.logger
         self.ckpt_dir = ctx.run_dir / "checkpoints"
-        self.precision = resolve_precision(cfg.precision, self.device)
+        self.precision = ctx.precision
+        # Read once: interpolated values (an agent's ${ceil_div:...}) are recomputed on every access.
+        self.log_every, self.eval_every, self.checkpoint_every = cfg.log_every, cfg.eval_every, cfg.checkpoint_every
+        self.max_steps, self.max_epochs = cfg.max_steps or math.inf, cfg.max_epochs or math.inf
         self._raw: dict[str, nn.Module] = {}  # child modules before DDP wrapping
         self.stop_signal: int | None = None  # the signal that asked this run to stop
         self.best: dict[str, Any] = {}
@@ -187,8 +215,7 @@ class Trainer:
 
     # ---- precision and module wrapping ----------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
-        dtype = PRECISIONS[self.precision]
-        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        return autocast(self.device, self.precision)
 
     def _prepare(self, task: Task) -> None:
         """Compile each child module with parameters (a frozen target or feature net too); DDP-wrap those that train.
@@ -217,161 +244,157 @@ class Trainer:
                 setattr(task, name, child)
 
     # ---- checkpoints --------------------------------------------------------------------------
-    def _state(self, task: Task, optim: Optimizers, counters: dict[str, Any]) -> dict[str, Any]:
+    def _counters(self, run: _Run) -> dict[str, Any]:
+        return {"step": run.step, "epoch": run.epoch, "batch_in_epoch": run.batch_in_epoch,
+                "last_eval_step": run.last_eval_step, "elapsed_s": self.elapsed()}
+
+    def _state(self, task: Task, optim: Optimizers, run: _Run, snapshot: bool = False) -> dict[str, Any]:
         with self.unwrapped(task):
-            task_state = task.state_dict()
-        return {**counters, "task": task_state, **optim.state_dict(), "rng": checkpoint.rng_state(),
+            task_state = task.snapshot_state() if snapshot else task.state_dict()
+        return {**self._counters(run), "task": task_state, **optim.state_dict(), "rng": checkpoint.rng_state(),
                 "best": self.best, "logger_run_id": self.logger.run_id, "config": self.config}
 
     def _save(self, name: str, state: dict[str, Any]) -> None:
         if self.dist.is_main:
             checkpoint.save(self.ckpt_dir / name, state)
 
-    def _restore(self, task: Task, optim: Optimizers, path: Path) -> dict[str, Any]:
+    def _resume(self, task: Task, optim: Optimizers) -> _Run:
+        """The loop's position and the task's, optimizers' and best metric's state from checkpoints/last.pt."""
+        path = self.ckpt_dir / "last.pt"
+        if not path.exists():
+            raise LabError(f"resume=true but there is no checkpoint at {path}; pass the run's directory "
+                           "as hydra.run.dir=..., or drop resume=true to start a new run")
         state = checkpoint.load(path, map_location=self.device)
         with self.unwrapped(task):
             checkpoint.load_state(task, state["task"], "task (model) state", path)
         optim.load_state_dict(state, path)
         self.best = dict(state.get("best") or {})
-        return state
+        return _Run(**{k: state[k] for k in _Run.COUNTERS if k in state}, rng=state["rng"], resumed=state)
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self, task: Task, resume: bool = False) -> dict[str, Any]:
-        cfg, log = self.cfg, self.logger
+        """Train `task` to its budget, a signal or `trainer.stop_at`; returns the run's summary."""
         data = task.train_data()
+        optim, horizon = self._setup(task, data)
+        run = self._resume(task, optim) if resume else _Run()
+        self._prepare(task)
+        self._start_logging(task, run)
+        with self._progress_bar(run, horizon) as bar, self._signal_handlers():
+            task.train()
+            for batch in self._batches(task, data, optim, run):
+                self._train_step(task, batch, optim, run, bar)
+                if run.stopped or self._after_step(task, optim, run):
+                    break
+            if not run.stopped and run.last_eval_step != run.step:
+                self._evaluate(task, optim, run)
+            self._save("last.pt", self._state(task, optim, run))
+        return self._finish(task, self._counters(run), "interrupted" if run.stopped else "completed")
+
+    def _setup(self, task: Task, data: Iterable[Any]) -> tuple[Optimizers, int | None]:
+        """The task on its device and memory format, and its optimizers over the schedule's horizon."""
         per_epoch = len(data) if hasattr(data, "__len__") else None
-        if cfg.max_steps is None and per_epoch is None:
+        if self.cfg.max_steps is None and per_epoch is None:
             raise LabError("this task's data has no epochs; set trainer.max_steps")
+        self.per_epoch = per_epoch
         # Schedules span the epoch budget; max_steps only stops early (so a resumed run keeps its schedule).
+        cfg = self.cfg
         horizon = cfg.max_epochs * per_epoch if cfg.max_epochs and per_epoch else cfg.max_steps
         task.to(self.device)
         if cfg.get("channels_last"):
             task.to(memory_format=torch.channels_last)
-        optim = Optimizers(task.optimizers(horizon), self.device, self.precision, cfg.get("grad_clip"))
+        return Optimizers(task.optimizers(horizon), self.device, self.precision, cfg.get("grad_clip")), horizon
 
-        counters = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "last_eval_step": -1, "elapsed_s": 0.0}
-        state = None
-        if resume:
-            path = self.ckpt_dir / "last.pt"
-            if not path.exists():
-                raise LabError(f"resume=true but there is no checkpoint at {path}; pass the run's directory "
-                               "as hydra.run.dir=..., or drop resume=true to start a new run")
-            state = self._restore(task, optim, path)
-            counters.update({k: state[k] for k in counters if k in state})
-        self._prepare(task)
-        log.start(resume_step=counters["step"] if state else None, run_id=state and state.get("logger_run_id"),
-                  step_metric=task.step_metric, main_metric=task.main_metric, main_mode=task.main_mode)
-        log.step = counters["step"]
+    def _start_logging(self, task: Task, run: _Run) -> None:
+        state = run.resumed
+        self.logger.start(resume_step=run.step if state else None, run_id=state and state.get("logger_run_id"),
+                          step_metric=task.step_metric, main_metric=task.main_metric, main_mode=task.main_mode)
+        self.logger.step = run.step
         if state:
-            print(f"[lab] resumed from {self.ckpt_dir / 'last.pt'} at step {counters['step']}", flush=True)
+            print(f"[lab] resumed from {self.ckpt_dir / 'last.pt'} at step {run.step}", flush=True)
+        self._clock = (time.perf_counter(), run.elapsed_s)
+        run.window = _Window()
 
-        step, epoch = counters["step"], counters["epoch"]
-        # Read once: interpolated values (an agent's ${ceil_div:...}) are recomputed on every access.
-        log_every, eval_every, checkpoint_every = cfg.log_every, cfg.eval_every, cfg.checkpoint_every
-        max_steps = cfg.max_steps or math.inf
-        max_epochs = cfg.max_epochs or math.inf
-        window: dict[str, torch.Tensor] = {}
-        counts: dict[str, int] = {}  # a task may report some values only on some steps (episode returns)
-        n_window, samples_window, t_window = 0, 0, time.perf_counter()
-        self._clock = (time.perf_counter(), counters["elapsed_s"])
-        bar = tqdm(total=None if horizon is None else min(horizon, max_steps), initial=step, unit="step",
-                   disable=not (self.dist.is_main and cfg.progress), dynamic_ncols=True, mininterval=1.0)
-        previous = self._install_signal_handlers()
-        stopped = False
-        rng_restored = state is None
-        batch_in_epoch = counters["batch_in_epoch"]
+    def _progress_bar(self, run: _Run, horizon: int | None) -> tqdm:
+        return tqdm(total=None if horizon is None else min(horizon, self.max_steps), initial=run.step, unit="step",
+                    disable=not (self.dist.is_main and self.cfg.progress), dynamic_ncols=True, mininterval=1.0)
 
-        def snapshot() -> dict[str, Any]:
-            return {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "last_eval_step":
-                    counters["last_eval_step"], "elapsed_s": self.elapsed()}
+    def _batches(self, task: Task, data: Iterable[Any], optim: Optimizers, run: _Run) -> Iterator[Any]:
+        """The batches of each epoch until the budget; a resumed run first skips what it already trained on.
+        At each epoch's end: an evaluation (`eval_each_epoch`), and the end of the run if it hit stop_at."""
+        while run.step < self.max_steps and run.epoch < self.max_epochs:
+            if hasattr(data, "set_epoch"):
+                data.set_epoch(run.epoch)
+            batches = iter(data)
+            for _ in range(run.batch_in_epoch):
+                next(batches, None)
+            if run.rng is not None:  # after the skip, so the run continues with the saved random state
+                checkpoint.set_rng_state(run.rng)
+                run.rng = None
+            yield from batches
+            run.epoch += 1
+            run.batch_in_epoch = 0
+            if self.cfg.get("eval_each_epoch") and run.last_eval_step != run.step:
+                with self._paused(run):
+                    self._evaluate(task, optim, run)
+            if self.target_reached:
+                return
 
+    def _train_step(self, task: Task, batch: Any, optim: Optimizers, run: _Run, bar: tqdm) -> None:
+        batch = _to_device(batch, self.device)
+        with self.autocast():
+            out = task.training_step(batch, optim)
+        optim.end_step()
+        run.step += 1
+        run.batch_in_epoch += 1
+        self.logger.step = run.step
+        bar.update(1)
+        samples = (task.samples_in(batch) or 0) * self.dist.world_size
+        run.window.add({**(out or {}), **optim.grad_norm_metrics()}, samples)
+        run.stopped = distributed.any_rank(self.stop_signal is not None, self.dist, self.device)
+        if run.step % self.log_every == 0 or run.stopped or run.step >= self.max_steps:
+            self._log_train(task, optim, run, bar)
+
+    def _log_train(self, task: Task, optim: Optimizers, run: _Run, bar: tqdm) -> None:
+        w = run.window
+        dt = time.perf_counter() - w.start
+        epoch = run.epoch + run.batch_in_epoch / self.per_epoch if self.per_epoch else run.epoch
+        metrics = {**w.means(), **{f"train/{k}": v for k, v in optim.lrs().items()}, "train/epoch": epoch,
+                   "perf/steps_per_sec": w.steps / dt, "perf/elapsed_s": self.elapsed(), **task.progress()}
+        if w.samples:
+            metrics["perf/samples_per_sec"] = w.samples / dt
+        self.logger.log(metrics)
+        shown = {f"train/{k}" for k in task.progress_keys} | {"perf/samples_per_sec", "perf/steps_per_sec"}
+        bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items() if k in shown})
+        run.window = _Window()
+
+    def _after_step(self, task: Task, optim: Optimizers, run: _Run) -> bool:
+        """Evaluate and checkpoint on their cadences; whether the run ends here (budget or stop_at)."""
+        with self._paused(run):
+            if self.eval_every and run.step % self.eval_every == 0:
+                self._evaluate(task, optim, run)
+                if self.target_reached:
+                    return True
+            if self.checkpoint_every and run.step % self.checkpoint_every == 0:
+                self._save("last.pt", self._state(task, optim, run))
+        return run.step >= self.max_steps
+
+    @contextlib.contextmanager
+    def _paused(self, run: _Run) -> Iterator[None]:
+        """Evaluation and saving do not count against the logged throughput."""
+        t0 = time.perf_counter()
         try:
-            task.train()
-            while step < max_steps and epoch < max_epochs:
-                if hasattr(data, "set_epoch"):
-                    data.set_epoch(epoch)
-                batches = iter(data)
-                for _ in range(batch_in_epoch):  # a resumed run skips what it already trained on
-                    next(batches, None)
-                if not rng_restored:  # after the skip, so the run continues with the saved random state
-                    checkpoint.set_rng_state(state["rng"])
-                    rng_restored = True
-                for batch in batches:
-                    batch = _to_device(batch, self.device)
-                    with self.autocast():
-                        out = task.training_step(batch, optim)
-                    optim.end_step()
-                    step += 1
-                    batch_in_epoch += 1
-                    log.step = step
-                    bar.update(1)
-                    for k, v in {**(out or {}), **{f"grad_norm_{k}" if len(optim.named) > 1 else "grad_norm": v
-                                                   for k, v in optim.grad_norms.items()}}.items():
-                        if isinstance(v, list):  # several samples (the episodes that ended this step): each counts
-                            v, n = torch.tensor(v, dtype=torch.float32).sum(), len(v)
-                        else:
-                            v, n = (v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))), 1
-                        window[k] = window[k] + v if k in window else v
-                        counts[k] = counts.get(k, 0) + n
-                    n_window += 1
-                    samples_window += (task.samples_in(batch) or 0) * self.dist.world_size
-
-                    stopped = distributed.any_rank(self.stop_signal is not None, self.dist, self.device)
-                    if step % log_every == 0 or stopped or step >= max_steps:
-                        dt = time.perf_counter() - t_window
-                        metrics = {f"train/{k}": (v / counts[k]).item() for k, v in window.items()}
-                        metrics.update({f"train/{k}": v for k, v in optim.lrs().items()})
-                        metrics.update({"train/epoch": epoch + batch_in_epoch / per_epoch if per_epoch else epoch,
-                                        "perf/steps_per_sec": n_window / dt, "perf/elapsed_s": self.elapsed(),
-                                        **task.progress()})
-                        if samples_window:
-                            metrics["perf/samples_per_sec"] = samples_window / dt
-                        log.log(metrics)
-                        bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()
-                                         if k in ("train/loss", "train/episode_return", "perf/samples_per_sec",
-                                                  "perf/steps_per_sec")})
-                        window, counts, n_window, samples_window = {}, {}, 0, 0
-                        t_window = time.perf_counter()
-                    if stopped:
-                        break
-                    t_pause = time.perf_counter()  # evaluation and saving do not count against throughput
-                    if eval_every and step % eval_every == 0:
-                        self._evaluate(task, optim, counters, snapshot)
-                        if self.target_reached:
-                            break
-                    if checkpoint_every and step % checkpoint_every == 0:
-                        self._save("last.pt", self._state(task, optim, snapshot()))
-                    t_window += time.perf_counter() - t_pause
-                    if step >= max_steps:
-                        break
-                else:  # the epoch ran out
-                    epoch += 1
-                    batch_in_epoch = 0
-                    if cfg.get("eval_each_epoch") and counters["last_eval_step"] != step:
-                        t_pause = time.perf_counter()
-                        self._evaluate(task, optim, counters, snapshot)
-                        t_window += time.perf_counter() - t_pause
-                    if self.target_reached:
-                        break
-                    continue
-                break  # max_steps or a signal
-            if not stopped and counters["last_eval_step"] != step:
-                self._evaluate(task, optim, counters, snapshot)
-            self._save("last.pt", self._state(task, optim, snapshot()))
+            yield
         finally:
-            bar.close()
-            self._restore_signal_handlers(previous)
-        return self._finish(task, snapshot(), "interrupted" if stopped else "completed")
+            run.window.start += time.perf_counter() - t0
 
-    def _evaluate(self, task: Task, optim: Optimizers, counters: dict[str, Any], snapshot) -> None:
-        counters["last_eval_step"] = self.logger.step
+    def _evaluate(self, task: Task, optim: Optimizers, run: _Run) -> None:
+        run.last_eval_step = self.logger.step
         if self.dist.is_main:
             t0 = time.perf_counter()
             with self.unwrapped(task), torch.no_grad(), self.autocast():
                 task.eval()
                 try:
-                    # plain keys go under eval/; a key with its own prefix (perf/eval_images_per_sec) stays as is
-                    metrics = {k if "/" in k else f"eval/{k}": v for k, v in task.evaluate().items()}
+                    metrics = _eval_keys(task.evaluate())
                 finally:
                     task.train()
             metrics["perf/eval_seconds"] = time.perf_counter() - t0
@@ -379,23 +402,24 @@ class Trainer:
             metrics.update(task.progress())
             self.logger.log(metrics)
             tqdm.write(f"[lab] step {self.logger.step}: {metrics_line(metrics)}")  # above the bar, in any log
-            name, mode = task.main_metric, task.main_mode
-            if name and name in metrics:
-                value = float(metrics[name])
-                old = self.best.get("value")
-                if old is None or (value > old if mode == "max" else value < old):
-                    self.best = {"metric": name, "value": value, "step": self.logger.step}
-                    task.snapshot_only = True
-                    try:
-                        self._save("best.pt", self._state(task, optim, snapshot()))
-                    finally:
-                        task.snapshot_only = False
-                target = self.cfg.get("stop_at")
-                if target is not None and (value >= target if mode == "max" else value <= target):
-                    self.target_reached = True
-                    print(f"[lab] {name}={value:.4g} reached trainer.stop_at={target}: stopping", flush=True)
+            self._track_best(task, optim, run, metrics)
         self.target_reached = distributed.any_rank(self.target_reached, self.dist, self.device)
         distributed.barrier(self.dist)
+
+    def _track_best(self, task: Task, optim: Optimizers, run: _Run, metrics: dict[str, Any]) -> None:
+        """best.pt when the main metric improves; the end of the run when it reaches trainer.stop_at."""
+        name, mode = task.main_metric, task.main_mode
+        if not name or name not in metrics:
+            return
+        value = float(metrics[name])
+        old = self.best.get("value")
+        if old is None or (value > old if mode == "max" else value < old):
+            self.best = {"metric": name, "value": value, "step": self.logger.step}
+            self._save("best.pt", self._state(task, optim, run, snapshot=True))
+        target = self.cfg.get("stop_at")
+        if target is not None and (value >= target if mode == "max" else value <= target):
+            self.target_reached = True
+            print(f"[lab] {name}={value:.4g} reached trainer.stop_at={target}: stopping", flush=True)
 
     def _load_task(self, task: Task, path: Path) -> dict[str, Any]:
         """Put a checkpoint's task state into `task` on this run's device (mode=eval, mode=generate)."""
@@ -411,8 +435,8 @@ class Trainer:
     def generate_checkpoint(self, task: Task, path: Path, n: int) -> dict[str, Any]:
         """`mode=generate`: load a checkpoint's task state and call `task.generate(n)` (new samples, as files)."""
         if not callable(getattr(task, "generate", None)):
-            raise LabError(f"{type(task).__name__} has no generate(n); mode=generate is for generative tasks "
-                           "(dcgan_*, autoencoder_*, vae_*)")
+            raise LabError(f"{type(task).__name__} has no generate(n) method: mode=generate is for tasks that "
+                           "draw new samples (the generative ones)")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise LabError(f"n={n!r} must be a positive number of samples")
         state = self._load_task(task, path)
@@ -432,7 +456,7 @@ class Trainer:
         t0 = time.perf_counter()
         with torch.no_grad(), self.autocast():
             task.eval()
-            metrics = {k if "/" in k else f"eval/{k}": v for k, v in task.evaluate().items()}
+            metrics = _eval_keys(task.evaluate())
         metrics.update({"perf/eval_seconds": time.perf_counter() - t0, **task.progress()})
         self.logger.log(metrics)
         print(f"[lab] {metrics_line(metrics)}", flush=True)
@@ -462,7 +486,9 @@ class Trainer:
         return summary
 
     # ---- signals --------------------------------------------------------------------------------
-    def _install_signal_handlers(self) -> dict[int, Any]:
+    @contextlib.contextmanager
+    def _signal_handlers(self) -> Iterator[None]:
+        """SIGINT/SIGTERM ask the loop to save and stop; a second one stops at once (the previous handler)."""
         previous: dict[int, Any] = {}
 
         def handler(signum: int, _frame: Any) -> None:
@@ -477,11 +503,16 @@ class Trainer:
                 previous[s] = signal.signal(s, handler)
         except ValueError:  # not the main thread: no handlers
             pass
-        return previous
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
 
-    def _restore_signal_handlers(self, previous: dict[int, Any]) -> None:
-        for s, h in previous.items():
-            signal.signal(s, h)
+
+def _eval_keys(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Plain keys go under eval/; a key with its own prefix (perf/eval_images_per_sec) stays as is."""
+    return {k if "/" in k else f"eval/{k}": v for k, v in metrics.items()}
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -66,7 +66,10 @@ def run_lab_cases(tmp_path: Path, cases: list[list[str]], timeout: int = 240) ->
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    from lab.io import read_metrics as rows
+
+    assert (run_dir / "metrics.jsonl").is_file(), f"no metrics.jsonl in {run_dir}"
+    return rows(run_dir)
 
 
 def without_perf(rows: list[dict]) -> list[dict]:
@@ -77,3 +80,36 @@ def without_perf(rows: list[dict]) -> list[dict]:
 def _need_data():
     if not (DATA / "mnist").is_dir() and not (DATA / "MNIST").is_dir():
         pytest.exit(f"MNIST not found under {DATA}: set LAB_DATA_DIR (see README)", returncode=2)
+
+
+def compose(experiment: str, *overrides: str):
+    """The config `python -m lab +experiment=NAME OVERRIDES...` composes (Hydra's compose API, no run)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from lab import config  # noqa: F401 - registers ${ceil_div:...}
+
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose("config", overrides=[f"+experiment={experiment}", *overrides])
+
+
+def build_task(tmp_path: Path, experiment: str, *overrides: str, device: str = "cpu"):
+    """The experiment's Task built in-process on `device`, with a RunContext resolved from its trainer block
+    as `lab.cli.run` resolves it (no logger backend, no run directory of Hydra's)."""
+    import hydra.utils
+    import torch
+    from omegaconf import OmegaConf
+
+    from lab.distributed import DistInfo
+    from lab.logger import RunLogger
+    from lab.task import RunContext
+    from lab.trainer import check_task, run_precision
+
+    cfg = compose(experiment, "logger=none", *overrides)
+    task_cls = hydra.utils.get_class(cfg.task)
+    t, dev = cfg.trainer, torch.device(device)
+    ctx = RunContext(dev, DistInfo(), RunLogger(OmegaConf.create({"backend": "none"}), tmp_path, {}), tmp_path,
+                     int(cfg.seed), precision=run_precision(t.precision, dev, task_cls), compile=bool(t.compile),
+                     channels_last=bool(t.channels_last), grad_clip=t.grad_clip, mode=str(cfg.mode))
+    check_task(task_cls, ctx)
+    return task_cls(cfg, ctx)

@@ -9,15 +9,11 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from agents.dqn import DQN
-from conftest import read_metrics, run_lab, run_lab_cases
+from conftest import build_task, read_metrics, run_lab, run_lab_cases
 from lab.cuda_graph import GraphedStep
-from lab.distributed import DistInfo
 from lab.errors import LabError
-from lab.logger import RunLogger
-from lab.task import RunContext
 
 QUIET = ["logger=none", "trainer.progress=false"]
 # Pong on 2 CPU cores: 4 envs, tiny buffer, one short evaluation game (env.max_episode_frames caps it).
@@ -138,23 +134,16 @@ def test_atari_ids_map_to_their_roms_through_gymnasiums_registry() -> None:
     assert all(ale_game(i) is None for i in ("ALE/Pong-ram-v5", "CartPole-v1", "pong", "NoSuchEnv-v0"))
 
 
-def _task(tmp_path: Path, device: str, env: str, experiment: str, *overrides: str) -> DQN:
-    """A DQN task built in-process from the yaml files, as the CLI composes them, on `device`."""
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    cfg = OmegaConf.merge({"trainer": OmegaConf.load(conf / "trainer" / "default.yaml")},
-                          OmegaConf.load(conf / "agent" / "dqn.yaml"),
-                          {"env": OmegaConf.load(conf / "env" / f"{env}.yaml")},
-                          OmegaConf.load(conf / "experiment" / f"{experiment}.yaml"),
-                          OmegaConf.from_dotlist(["mode=train", *overrides]))
-    logger = RunLogger(OmegaConf.create({"backend": "none"}), tmp_path, {})
-    return DQN(cfg, RunContext(torch.device(device), DistInfo(), logger, tmp_path, 0)).to(device)
+def _task(tmp_path: Path, device: str, experiment: str, *overrides: str) -> DQN:
+    """A DQN task built in-process as the CLI composes its experiment, on `device`."""
+    return build_task(tmp_path, experiment, *overrides, device=device).to(device)
 
 
 def test_the_update_forward_also_acts_and_frames_scale_in_the_compute_dtype(tmp_path: Path) -> None:
     """td_loss(obs) gives the loss of td_loss() plus the greedy actions for obs, from one forward pass;
     uint8 frames go straight to the autocast dtype with the same values as `obs.float() / 255`."""
     torch.set_num_threads(1)
-    task = _task(tmp_path, "cpu", "atari", "dqn_pong_nature", "agent.num_envs=2", "agent.buffer_size=400",
+    task = _task(tmp_path, "cpu", "dqn_pong_nature", "agent.num_envs=2", "agent.buffer_size=400",
                  "agent.learning_starts=10000", "agent.batch_size=8", "agent.eval_episodes=1")
     for _ in range(40):  # 160 env steps, all random (epsilon 1): fills the buffer, no updates
         task.training_step(None, None)
@@ -177,7 +166,7 @@ def test_the_update_forward_also_acts_and_frames_scale_in_the_compute_dtype(tmp_
 
 
 def _cartpole_task(tmp_path: Path, device: str, *overrides: str) -> DQN:
-    return _task(tmp_path, device, "gym", "dqn_cartpole", "agent.video=false", *overrides)
+    return _task(tmp_path, device, "dqn_cartpole", "agent.video=false", *overrides)
 
 
 class Lives(gym.Env):

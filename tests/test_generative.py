@@ -163,7 +163,7 @@ def test_neural_style_loss_falls_with_random_weights(tmp_path: Path) -> None:
     assert all(b < a for a, b in zip(train[:6], train[1:6])), train
     adam = tmp_path / "adam"
     _ok(run_lab(tmp_path, *common, "model.random_init=true", "style.steps=20", "trainer.eval_every=20",
-                "style.optimizer=adam", "style.lr=0.02", "trainer.precision=32", f"hydra.run.dir={adam}",
+                "optimizer=adam", "optimizer.lr=0.02", "trainer.precision=32", f"hydra.run.dir={adam}",
                 env=_env(tmp_path)))
     adam_summary = json.loads((adam / "summary.json").read_text())
     assert adam_summary["eval/loss"] < 0.5 * adam_summary["eval/initial_loss"]

@@ -14,9 +14,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from agents.envs import make_env
-from agents.sb3_dqn import SB3VecEnv, check_config, check_replay_memory, make_same_step_env
-from conftest import REPO, lab_env, read_metrics, run_lab
+from agents.sb3_dqn import SB3DQN, SB3VecEnv, check_config, check_replay_memory, make_same_step_env
+from conftest import REPO, build_task, compose, lab_env, read_metrics, run_lab
+from lab.distributed import DistInfo
 from lab.errors import LabError
+from lab.logger import RunLogger
+from lab.task import RunContext
+from lab.trainer import check_task, run_precision
 
 FAST = ["logger=none", "trainer.progress=false", "trainer.device=cpu"]
 
@@ -126,30 +130,42 @@ def test_adapter_over_gymnasium_make_vec() -> None:
 
 
 def sb3_cartpole_cfg(*overrides: str) -> DictConfig:
-    """The agent, trainer and experiment keys of sb3_dqn_cartpole, without Hydra."""
-    conf = REPO / "conf"
-    trainer = {"trainer": OmegaConf.load(conf / "trainer" / "default.yaml")}
-    return OmegaConf.merge(OmegaConf.load(conf / "agent" / "dqn.yaml"), trainer,
-                           OmegaConf.load(conf / "experiment" / "sb3_dqn_cartpole.yaml"),
-                           OmegaConf.from_dotlist(list(overrides)))
+    """sb3_dqn_cartpole as `python -m lab` composes it, without a run."""
+    return compose("sb3_dqn_cartpole", *overrides)
 
 
 @pytest.mark.parametrize("override, message", [
     ("agent.double=true", "no Double DQN"), ("agent.dueling=true", "no dueling heads"),
     ("agent.loss=mse", "Huber loss only"), ("agent.train_frequency=6", "multiple of agent.num_envs=4"),
-    ("agent.save_replay=true", "does not checkpoint its replay buffer"), ("trainer.precision=bf16", "float32"),
+    ("agent.save_replay=true", "does not checkpoint its replay buffer"), ("optimizer=sgd", "trains with Adam"),
     ("agent.buffer_device=cuda", "host memory"), ("agent.n_step=0", "n_step must be >= 1"),
 ])
 def test_refuses_what_sb3_cannot_do_in_one_line(override: str, message: str) -> None:
-    check_config(sb3_cartpole_cfg(), distributed=False)  # the recipe itself is fine
+    check_config(sb3_cartpole_cfg())  # the recipe itself is fine
     with pytest.raises(LabError, match=message) as e:
-        check_config(sb3_cartpole_cfg(override), distributed=False)
+        check_config(sb3_cartpole_cfg(override))
     assert "\n" not in str(e.value)
 
 
-def test_refuses_torchrun() -> None:
+def test_refuses_torchrun_and_other_precisions(tmp_path: Path) -> None:
+    """SB3DQN's capability flags, as the trainer checks them before the task is built."""
+    logger = RunLogger(OmegaConf.create({"backend": "none"}), tmp_path, {})
+    cpu = torch.device("cpu")
     with pytest.raises(LabError, match="one process"):
-        check_config(sb3_cartpole_cfg(), distributed=True)
+        check_task(SB3DQN, RunContext(cpu, DistInfo(world_size=2), logger, tmp_path, 0))
+    with pytest.raises(LabError, match="float32"):
+        check_task(SB3DQN, RunContext(cpu, DistInfo(), logger, tmp_path, 0, precision="bf16"))
+    assert run_precision("auto", cpu, SB3DQN) == "32"  # auto never picks a precision the task refuses
+
+
+def test_adam_settings_reach_sb3(tmp_path: Path) -> None:
+    """optimizer.lr, .eps, .betas and .weight_decay of the experiment are SB3's learning rate and Adam's."""
+    task = build_task(tmp_path, "sb3_dqn_cartpole", "optimizer.lr=0.0007", "optimizer.eps=0.001",
+                      "optimizer.betas=[0.8,0.9]", "optimizer.weight_decay=0.01", "agent.buffer_size=2000")
+    group = task.model.policy.optimizer.param_groups[0]
+    assert type(task.model.policy.optimizer) is torch.optim.Adam
+    assert (group["lr"], group["eps"], group["betas"], group["weight_decay"]) == (0.0007, 0.001, (0.8, 0.9), 0.01)
+    task.close()
 
 
 def test_refuses_a_replay_buffer_larger_than_memory() -> None:

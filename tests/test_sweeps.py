@@ -30,14 +30,14 @@ def chromium() -> str | None:
 def test_multirun_2x2_with_joblib_gives_4_runs_grouped_as_one_sweep_and_a_report(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     p = run_lab(tmp_path, "-m", "+experiment=mnist_cnn", *TINY, "logger=wandb", "seed=1,2",
-                "scheduler.max_lr=0.002,0.006", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                "optimizer.lr=0.002,0.006", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                 f"hydra.sweep.dir={sweep}", env=lab_env(tmp_path, WANDB_MODE="disabled", OMP_NUM_THREADS="1"),
                 timeout=400)
     assert p.returncode == 0, p.stderr[-3000:]
     runs = run_dirs(sweep)
     assert len(runs) == 4
     configs = [yaml.safe_load((r / "config.yaml").read_text()) for r in runs]
-    assert {(c["seed"], c["scheduler"]["max_lr"]) for c in configs} == {(1, .002), (1, .006), (2, .002), (2, .006)}
+    assert {(c["seed"], c["optimizer"]["lr"]) for c in configs} == {(1, .002), (1, .006), (2, .002), (2, .006)}
     assert {c["logger"]["group"] for c in configs} == {"mnist_cnn-sweep"}
     assert all("sweep" in c["logger"]["tags"] for c in configs)
 
@@ -47,7 +47,7 @@ def test_multirun_2x2_with_joblib_gives_4_runs_grouped_as_one_sweep_and_a_report
     assert r.returncode == 0, r.stderr[-2000:]
     page = (out / "report.html").read_text()
     assert "4 run(s)" in page and "Best run by eval/accuracy" in page
-    assert "scheduler.max_lr" in page and "seed" in page  # the hyperparameters that differ
+    assert "optimizer.lr" in page and "seed" in page  # the hyperparameters that differ
     assert page.count('<tr class="best">') == 1
     assert (out / "figures" / "eval_accuracy.png").exists()
     assert "src=\"data:image/png;base64," in page and "http" not in page.split("<body>")[1]  # self-contained
@@ -96,7 +96,7 @@ def test_optuna_sweep_continues_after_an_interruption(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr[-3000:]
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert results["name"] == "optuna" and 0 <= results["best_value"] <= 1
-    assert set(results["best_params"]) == {"scheduler.max_lr", "model.dropout", "optimizer.weight_decay",
+    assert set(results["best_params"]) == {"optimizer.lr", "model.dropout", "optimizer.weight_decay",
                                            "data.batch_size"}
     import optuna
 

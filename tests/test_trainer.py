@@ -10,11 +10,12 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from lab.devices import native_bf16, resolve_device, resolve_precision
 from lab.distributed import DistInfo
 from lab.errors import LabError
 from lab.logger import RunLogger
 from lab.task import RunContext, Task
-from lab.trainer import Optimizers, Trainer, check_config, native_bf16, resolve_device, resolve_precision
+from lab.trainer import Optimizers, Trainer, check_config, check_task, run_precision
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +51,9 @@ def make_trainer(tmp_path: Path, **overrides) -> Trainer:
     cfg = OmegaConf.merge(OmegaConf.load(REPO / "conf/trainer/default.yaml"),
                           {"progress": False, "log_every": 1, "device": "cpu", **overrides})
     logger = RunLogger(OmegaConf.create({"backend": "none"}), tmp_path, {})
-    ctx = RunContext(torch.device("cpu"), DistInfo(), logger, tmp_path, 0)
+    cpu = torch.device("cpu")
+    ctx = RunContext(cpu, DistInfo(), logger, tmp_path, 0, precision=run_precision(cfg.precision, cpu),
+                     grad_clip=cfg.grad_clip)
     return Trainer(cfg, ctx, {}), ctx
 
 
@@ -118,7 +121,7 @@ def test_each_precision_trains(tmp_path: Path, precision: str) -> None:
 def test_auto_precision_is_bf16_only_where_it_is_native(monkeypatch, capsys, tmp_path: Path, native: bool) -> None:
     """On an AVX2-only CPU bf16 is emulated (a DQN update measured ~10x slower than float32): auto picks 32
     there, and an explicit bf16 still runs but says why it is slow."""
-    monkeypatch.setattr("lab.trainer.native_bf16", lambda device: native)
+    monkeypatch.setattr("lab.devices.native_bf16", lambda device: native)
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == ("bf16" if native else "32")
     assert f"auto: {'bf16' if native else '32'}" in capsys.readouterr().out
@@ -197,3 +200,22 @@ def test_compile_trains_and_checkpoints_plain_weights(tmp_path: Path) -> None:
     assert summary["step"] == 3 and torch.isfinite(torch.tensor(summary["train/d_loss"]))
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert set(state["task"]) == {"gen.weight", "gen.bias", "disc.weight", "disc.bias"}  # no _orig_mod. prefix
+
+
+def test_capability_flags_are_checked_once_before_the_task_is_built(tmp_path: Path, capsys) -> None:
+    """A task declares what it cannot do (`single_process`, `fp32_only`); the trainer refuses it in one line,
+    and `trainer.precision=auto` resolves to 32 for an fp32-only task on any machine."""
+    class Lonely(TwoPhase):
+        single_process = "it keeps one image"
+        fp32_only = True
+
+    logger = RunLogger(OmegaConf.create({"backend": "none"}), tmp_path, {})
+    cpu = torch.device("cpu")
+    check_task(Lonely, RunContext(cpu, DistInfo(), logger, tmp_path, 0))  # one process, float32: fine
+    ddp = DistInfo(rank=0, local_rank=0, world_size=2)
+    with pytest.raises(LabError, match=r"^Lonely runs in one process \(it keeps one image\); drop torchrun$"):
+        check_task(Lonely, RunContext(cpu, ddp, logger, tmp_path, 0))
+    with pytest.raises(LabError, match=r"trainer.precision=bf16: Lonely trains in float32 only; set trainer.prec"):
+        check_task(Lonely, RunContext(cpu, DistInfo(), logger, tmp_path, 0, precision="bf16"))
+    assert run_precision("auto", cpu, Lonely) == "32" and "Lonely trains in float32" in capsys.readouterr().out
+    check_task(TwoPhase, RunContext(cpu, ddp, logger, tmp_path, 0, precision="bf16"))  # no flags: anything goes

@@ -100,7 +100,7 @@ def test_each_optimizer_config_learns_with_a_one_cycle_schedule() -> None:
         torch.manual_seed(0)
         model = MLP(1, 10, 28)
         root = OmegaConf.create({"optimizer": OmegaConf.load(REPO / "conf" / "optimizer" / f"{name}.yaml"),
-                                 "scheduler": {"name": "onecycle", "max_lr": "${optimizer.lr}"}})
+                                 "scheduler": {"name": "onecycle"}})  # peaks at optimizer.lr
         opt = build_optimizer(root.optimizer, model.parameters())
         sched = build_scheduler(root.scheduler, opt, 60)
         for x, y in data.TensorLoader(train.images, train.labels, 50, transform=norm):
@@ -129,12 +129,14 @@ def test_schedules_warmup_milestones_and_no_momentum_for_plain_sgd() -> None:
     assert cos[-1] < 1e-3
     step, _ = lrs({"name": "step", "milestones": [0.5, 0.75]})
     assert step[49] == pytest.approx(0.1) and step[50] == pytest.approx(0.01) and step[75] == pytest.approx(0.001)
-    one, plain = lrs({"name": "onecycle", "max_lr": 0.1})
+    one, plain = lrs({"name": "onecycle"})  # peaks at the optimizer's lr
     assert max(one) == pytest.approx(0.1, rel=1e-3) and plain.param_groups[0]["momentum"] == 0  # stays plain SGD
-    _, heavy = lrs({"name": "onecycle", "max_lr": 0.1, "pct_start": 0.5}, momentum=0.9)
+    _, heavy = lrs({"name": "onecycle", "pct_start": 0.5}, momentum=0.9)
     assert heavy.param_groups[0]["momentum"] == pytest.approx(0.95, rel=1e-3)  # cycled back up at the end
     with pytest.raises(LabError, match="unknown"):
         lrs({"name": "exponential"})
+    with pytest.raises(LabError, match="peaks at optimizer.lr"):  # the old spelling is refused, not ignored
+        lrs({"name": "onecycle", "max_lr": 0.1})
 
 
 def test_xor_needs_a_hidden_layer(tmp_path: Path) -> None:

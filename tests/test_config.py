@@ -1,0 +1,140 @@
+"""One config schema: every experiment names its task, family groups sit under their own key, the learning
+rate is `optimizer.lr` everywhere and reaches what the run builds, and an override of a key that does not
+exist is refused in one line."""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DATA, REPO, build_task, compose, run_lab_cases
+from lab.cli import describe_experiments, experiments
+
+LR = 1.234e-4  # a learning rate no recipe uses
+
+
+def _cifar10(root: Path) -> None:
+    """A tiny CIFAR-10 in its real on-disk format (python pickles of uint8 rows), for dcgan_cifar10."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        batch = {b"batch_label": b"x", b"labels": rng.integers(0, 10, 16).tolist(),
+                 b"data": rng.integers(0, 256, (16, 3072), dtype=np.uint8), b"filenames": []}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+
+
+def _folder(root: Path) -> None:
+    """Two classes of 64x64 PNGs, for dcgan_folder."""
+    from PIL import Image
+
+    for label, value in (("cats", 40), ("dogs", 200)):
+        (root / label).mkdir(parents=True)
+        for i in range(16):
+            Image.fromarray(np.full((64, 64, 3), value + i, np.uint8)).save(root / label / f"{i}.png")
+
+
+def _small(name: str, tmp_path: Path) -> list[str]:
+    """Overrides that keep each experiment's build small (data, envs, buffers) without touching its optimizer."""
+    if name.startswith(("dqn_", "sb3_")):
+        return ["agent.num_envs=1", "agent.train_frequency=4", "agent.buffer_size=2000", "agent.eval_num_envs=1",
+                "agent.video=false"]
+    if name == "neural_style":
+        images = DATA / "images"
+        return [f"style.content={images / 'chelsea.png'}", f"style.style={images / 'scream.jpg'}", "style.size=32",
+                "model.random_init=true"]
+    if name == "xor_mlp":
+        return []
+    small = ["data.subset=64", "data.test_subset=64", "data.batch_size=16"]
+    if name == "dcgan_cifar10":
+        _cifar10(tmp_path / "cifar")
+        return [*small, f"data.root={tmp_path / 'cifar'}", "data.download=false"]
+    if name == "dcgan_folder":
+        _folder(tmp_path / "pets")
+        return [*small, f"data.path={tmp_path / 'pets'}", "data.test_fraction=0.25"]
+    return small
+
+
+def _peak(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate the optimizer was configured with: a one-cycle schedule's peak, a warm-up's target,
+    or the plain lr."""
+    group = optimizer.param_groups[0]
+    return group.get("max_lr", group.get("initial_lr", group["lr"]))
+
+
+@pytest.mark.parametrize("name", experiments())
+def test_optimizer_lr_reaches_what_every_experiment_builds(name: str, tmp_path: Path) -> None:
+    """`optimizer.lr=X` is the learning rate (or the schedule's peak) of every optimizer the run builds."""
+    task = build_task(tmp_path, name, f"optimizer.lr={LR}", *_small(name, tmp_path))
+    try:
+        named = task.optimizers(100)
+        if not named:  # SB3 owns its optimizer
+            optimizers = [task.model.policy.optimizer]
+        else:
+            optimizers = [v[0] if isinstance(v, tuple) else v for v in named.values()]
+        assert optimizers and all(_peak(o) == pytest.approx(LR) for o in optimizers), name
+        assert all(len(o.param_groups) == 1 for o in optimizers)
+    finally:
+        task.close()
+
+
+def test_every_experiment_names_its_task_and_family_groups_have_their_own_key() -> None:
+    for path in sorted((REPO / "conf" / "experiment").glob("*.yaml")):
+        assert re.search(r"^task: \w+(\.\w+)+$", path.read_text(), re.M), f"{path.name} does not name its task"
+    for group in ("agent", "gan", "style"):
+        for path in (REPO / "conf" / group).glob("*.yaml"):
+            assert path.read_text().startswith(f"# @package {group}\n"), path
+    packaged = [p.relative_to(REPO / "conf") for p in (REPO / "conf").rglob("*.yaml")
+                if "@package _global_" in p.read_text()]
+    assert {p.parts[0] for p in packaged} == {"experiment", "hparams_search"}, packaged
+    # the old spellings of the learning rate are gone from every config
+    for path in (REPO / "conf").rglob("*.yaml"):
+        text = path.read_text()
+        assert not re.search(r"max_lr|learning_rate|adam_eps", text), path
+    assert "lr" not in compose("dcgan_mnist").gan and "lr" not in compose("vae_mnist").model
+
+
+def test_inheriting_experiments_differ_only_where_they_say() -> None:
+    """sb3_dqn_cartpole is dqn_cartpole on SB3; vae_mnist is autoencoder_mnist with a variational model."""
+    from omegaconf import OmegaConf
+
+    dqn, sb3 = compose("dqn_cartpole"), compose("sb3_dqn_cartpole")
+    assert OmegaConf.to_container(dqn.env) == OmegaConf.to_container(sb3.env)
+    assert dqn.optimizer == sb3.optimizer and dqn.agent.total_timesteps == sb3.agent.total_timesteps
+    assert sb3.task == "agents.sb3_dqn.SB3DQN" and sb3.trainer.num_threads is None
+    ae, vae = compose("autoencoder_mnist"), compose("vae_mnist")
+    assert not ae.model.variational and vae.model.variational
+    assert {k: v for k, v in vae.model.items() if k != "variational"} == \
+        {k: v for k, v in ae.model.items() if k != "variational"}
+
+
+def test_listing_groups_experiments_by_family_with_their_descriptions() -> None:
+    groups = describe_experiments()
+    assert set(groups) == {"Reinforcement learning (agents/)", "Generative models (generative/)", "Vision (vision/)"}
+    names = {n for g in groups.values() for n, _ in g}
+    assert names == set(experiments())
+    rl = dict(groups["Reinforcement learning (agents/)"])
+    assert rl["dqn_pong"].startswith("DQN on Pong") and "sb3_dqn_cartpole" in rl
+    assert all(d and not d.startswith("@package") for g in groups.values() for _, d in g)
+
+
+def test_unknown_keys_are_refused_in_one_line_and_known_ones_take_effect(tmp_path: Path) -> None:
+    typo, sweep, added = run_lab_cases(tmp_path, [
+        ["+experiment=mnist_cnn", "logger=none", "optimizer.lrr=3e-4"],
+        ["-m", "+experiment=mnist_cnn,xor_mlp", "logger=none", "scheduler.max_lr=0.1"],
+        ["+experiment=xor_mlp", "+scheduler.name=onecycle", "+scheduler.max_lr=0.1",
+         f"hydra.run.dir={tmp_path / 'added'}"],
+    ])
+    for r in (typo, sweep):
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "is not a key of this config" in lines[0]
+    assert "optimizer.lrr" in typo.stderr and "+optimizer.lrr=" in typo.stderr
+    assert not list(tmp_path.glob("outputs")) and not list(tmp_path.glob("multirun"))  # refused before any run
+    # an added key that the run would ignore is refused by the code that owns it
+    assert added.returncode == 2 and "peaks at optimizer.lr" in added.stderr, added.stderr

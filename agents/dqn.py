@@ -98,12 +98,25 @@ class QNetwork(nn.Module):
         return self.value(h) + adv - adv.mean(dim=1, keepdim=True)
 
 
-class DQN(Task):
+class Agent(Task):
+    """What every agent task (the lab's DQN, the SB3 baseline) shares: its main metric is the evaluation return,
+    its charts run against env steps, it runs in one process, and one trainer step is one iteration of
+    `agent.train_frequency` env steps (an endless stream: the budget is trainer.max_steps)."""
+
     main_metric = "eval/episode_return"
     step_metric = "env_steps"
     main_mode = "max"
     progress_keys = ("loss", "episode_return")
     single_process = "for more throughput raise agent.num_envs"
+
+    def train_data(self) -> Iterator[int]:
+        return itertools.count()
+
+    def samples_in(self, batch: Any) -> int:
+        return int(self.cfg.agent.train_frequency)  # env steps per iteration: perf/samples_per_sec = env steps/s
+
+
+class DQN(Agent):
 
     def __init__(self, cfg: DictConfig, ctx: RunContext):
         super().__init__(cfg, ctx)
@@ -174,12 +187,6 @@ class DQN(Task):
         elif self.graphed:
             raise LabError(f"agent.cuda_graph=true needs Adam (optimizer=adam), not {self.cfg.optimizer._target_}")
         return {"q": build(self.cfg.optimizer, "optimizer", self.q.parameters(), **fast)}
-
-    def train_data(self) -> Iterator[int]:
-        return itertools.count()  # endless: one item per iteration; the budget is trainer.max_steps
-
-    def samples_in(self, batch: Any) -> int:
-        return int(self.a.train_frequency)  # env steps per iteration, so perf/samples_per_sec = env steps/s
 
     def progress(self) -> dict[str, float]:
         return {"env_steps": self.env_steps, "frames": self.env_steps * self.frameskip}

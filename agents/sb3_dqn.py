@@ -26,9 +26,7 @@ so is `trainer.compile` (SB3 calls its Q-networks directly, not the compiled pol
 from __future__ import annotations
 
 import inspect
-import itertools
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import gymnasium as gym
@@ -41,10 +39,10 @@ from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
-from agents.dqn import check_agent_config
+from agents.dqn import Agent, check_agent_config
 from agents.envs import EpisodeTracker, Evaluator, is_atari, make_env
 from lab.errors import LabError
-from lab.task import RunContext, Task
+from lab.task import RunContext
 
 SB3_DEFAULT_MAX_GRAD_NORM = 10.0
 
@@ -215,14 +213,9 @@ def check_replay_memory(buffer_size: int, obs_space: gym.spaces.Space, total_byt
     return need
 
 
-class SB3DQN(Task):
+class SB3DQN(Agent):
     """stable-baselines3's DQN trained and evaluated by the lab (see the module docstring)."""
 
-    main_metric = "eval/episode_return"
-    step_metric = "env_steps"
-    main_mode = "max"
-    progress_keys = ("loss", "episode_return")
-    single_process = "raise agent.num_envs instead"
     fp32_only = "as stable-baselines3 does"
 
     def __init__(self, cfg: DictConfig, ctx: RunContext):
@@ -271,12 +264,6 @@ class SB3DQN(Task):
     # ---- trainer contract -------------------------------------------------------------------------
     def optimizers(self, total_steps: int | None) -> dict[str, Any]:
         return {}  # SB3 owns its optimizer; its state is in get_extra_state
-
-    def train_data(self) -> Iterator[int]:
-        return itertools.count()  # endless: one item per iteration; the budget is trainer.max_steps
-
-    def samples_in(self, batch: Any) -> int:
-        return int(self.a.train_frequency)  # env steps per iteration, so perf/samples_per_sec = env steps/s
 
     def progress(self) -> dict[str, float]:
         return {"env_steps": self.model.num_timesteps, "frames": self.model.num_timesteps * self.frameskip}

@@ -181,6 +181,10 @@ def test_every_optuna_search_space_names_keys_of_its_experiment(search: Path, tm
     for key in sweeper["params"]:
         node = cfg
         for part in key.split("."):
+            if isinstance(node, list):  # an element of a list, e.g. optimizer.betas.0 (Adam's beta1)
+                assert part.isdigit() and int(part) < len(node), f"{search.name}: {key} is not in {experiment}"
+                node = node[int(part)]
+                continue
             assert part in node, f"{search.name}: {key} is not a key of {experiment}'s config"
             node = node[part]
     task = cfg["task"].rsplit(".", 1)

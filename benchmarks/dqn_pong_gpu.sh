@@ -4,7 +4,7 @@
 #     bash benchmarks/dqn_pong_gpu.sh MINUTES OUT_DIR [lab overrides ...]
 #
 # 1. Packages the machine's image lacks come from wheels in .whl/ (git-ignored) into /tmp/site, each only
-#    if it does not import already. The H200 image of 2026-11-27 had Python 3.12, torch 2.11, numpy, PyYAML,
+#    if it does not import already. The H200 image seen so far had Python 3.12, torch 2.11, numpy, PyYAML,
 #    imageio and cloudpickle, not the rest. .whl/ holds ale-py and PyYAML for CPython 3.10-3.13 and the pure
 #    wheels; fill it with (for V in 3.10 3.11 3.12 3.13)
 #      pip download --no-deps --only-binary=:all: --python-version V --implementation cp \

@@ -60,7 +60,7 @@ def machine() -> dict[str, Any]:
 
 
 def cpu_kind_suffix() -> str:
-    """"" on a CPU with native bf16 (AVX512: the records up to 2026-11-22), "_avx2" without it: precision-
+    """"" on a CPU with native bf16 (AVX512), "_avx2" without it: precision-
     dependent benchmarks keep one record per kind of CPU, since their figures differ several-fold."""
     import torch
 

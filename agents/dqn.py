@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from agents.envs import EpisodeTracker, Evaluator, is_atari, make_env
+from agents.envs import EpisodeTracker, Evaluator, is_atari, make_env, set_vector_env_state, vector_env_state
 from agents.replay import ReplayBuffer
 from lab.config import build
 from lab.cuda_graph import GraphedStep
@@ -395,6 +395,11 @@ class DQN(Agent):
             state["replay_generator"] = self.generator.get_state()  # which transitions the updates draw
         if self.learning_run and self.a.save_replay and not getattr(self, "_without_replay", False):
             state["buffer"] = self.buffer.state_dict()
+            envs = vector_env_state(self.env)  # gym.make_vec envs: a resume continues their episodes exactly
+            if envs is not None:
+                state["envs"] = {"vector": envs, "obs": torch.from_numpy(np.array(self.obs)),
+                                 "first": torch.from_numpy(self.first.copy()), "tracker": self.tracker.state_dict(),
+                                 "lives": None if self.lives is None else torch.from_numpy(np.array(self.lives))}
         return state
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
@@ -405,7 +410,17 @@ class DQN(Agent):
             return
         if "replay_generator" in state:
             self.generator.set_state(state["replay_generator"])
-        # The envs cannot be restored: they restart, on episodes seeded from the restored RNG (not the first run's).
+        envs = state.get("envs")
+        if "buffer" in state and envs and set_vector_env_state(self.env, envs["vector"]):
+            # The replay and the envs where they were: the run goes on as if it had never stopped.
+            self.obs, self.first = envs["obs"].numpy().copy(), envs["first"].numpy().copy()
+            self.lives = None if envs["lives"] is None else envs["lives"].numpy().copy()
+            self.tracker.load_state_dict(envs["tracker"])
+            self.buffer.load_state_dict(state["buffer"])
+            print(f"[lab] replay buffer restored: {len(self.buffer):,} transitions, and the envs where they were",
+                  flush=True)
+            return
+        # These envs cannot be restored (Atari's run in C++): they restart, on episodes seeded from the restored RNG.
         self.start_episodes(int(self.rng.integers(2**31)))
         if "buffer" in state:
             self.buffer.load_state_dict(state["buffer"])

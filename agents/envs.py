@@ -17,6 +17,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 from omegaconf import DictConfig
 
 from lab.errors import LabError
@@ -118,7 +119,69 @@ class EpisodeTracker:
         return ended
 
     def state_dict(self) -> dict[str, Any]:
-        return {"returns": self.returns.tolist(), "lengths": self.lengths.tolist()}
+        return {"returns": self.returns.tolist(), "lengths": self.lengths.tolist(),
+                "resetting": self.resetting.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.returns = np.array(state["returns"], np.float64)
+        self.lengths = np.array(state["lengths"], np.int64)
+        self.resetting = np.array(state["resetting"], bool)
+
+
+def _chain(env: gym.vector.VectorEnv) -> list[Any]:
+    """A sync vector env, then each copy's wrappers down to the env itself."""
+    objs: list[Any] = [env]
+    for e in env.envs:
+        objs.append(e)
+        while isinstance(e, gym.Wrapper):
+            e = e.env
+            objs.append(e)
+    return objs
+
+
+def vector_env_state(env: gym.vector.VectorEnv) -> list[dict[str, Any]] | None:
+    """Where a `gym.make_vec` sync vector env stands (each copy's physics, step counters, random generators,
+    pending autoresets) as tensors and plain values, which a checkpoint loads with weights_only=True; None
+    for envs whose state lives outside Python (AtariVectorEnv's C++ threads, async subprocesses)."""
+    if not isinstance(env, gym.vector.SyncVectorEnv):
+        return None
+    out = []
+    for obj in _chain(env):
+        fields: dict[str, Any] = {"__type__": type(obj).__name__}
+        for k, v in vars(obj).items():
+            if isinstance(v, np.random.Generator):
+                fields[k] = {"bit_generator": v.bit_generator.state}
+            elif isinstance(v, np.ndarray) and v.dtype != object:
+                fields[k] = torch.from_numpy(v.copy())
+            elif isinstance(v, np.generic):
+                fields[k] = v.item()
+            elif isinstance(v, (bool, int, float, type(None))):
+                fields[k] = v
+            elif isinstance(v, list) and v and all(isinstance(x, np.ndarray) for x in v):
+                fields[k] = [torch.from_numpy(x.copy()) for x in v]
+        out.append(fields)
+    return out
+
+
+def set_vector_env_state(env: gym.vector.VectorEnv, state: list[dict[str, Any]] | None) -> bool:
+    """Put `vector_env_state`'s record back; False (nothing changed) when it does not fit this env."""
+    objs = _chain(env) if isinstance(env, gym.vector.SyncVectorEnv) else []
+    if not state or [type(o).__name__ for o in objs] != [f.get("__type__") for f in state]:
+        return False
+    for obj, fields in zip(objs, state):
+        for k, v in fields.items():
+            if k == "__type__":
+                continue
+            current = getattr(obj, k, None)
+            if isinstance(v, dict) and isinstance(current, np.random.Generator):
+                current.bit_generator.state = v["bit_generator"]
+            elif isinstance(v, torch.Tensor):
+                setattr(obj, k, v.numpy().copy())
+            elif isinstance(v, list):
+                setattr(obj, k, [t.numpy().copy() for t in v])
+            else:
+                setattr(obj, k, v)
+    return True
 
 
 def evaluate(policy: Callable[[np.ndarray], np.ndarray], env: gym.vector.VectorEnv, episodes: int, seed: int,

@@ -18,7 +18,9 @@ FORMAT_VERSION = 1
 
 def save(path: str | Path, state: dict[str, Any]) -> None:
     """Write a checkpoint atomically (temporary file, fsync, rename)."""
-    io.torch_save(path, {"format_version": FORMAT_VERSION, **state})
+    io.torch_save(path, {"format_version": FORMAT_VERSION, **state},
+                  hint=f"the previous {Path(path).name} is unchanged: free disk space, then resume=true continues "
+                       "from the last checkpoint")
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -19,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from lab import config as _config  # noqa: F401 - registers the ${ceil_div:...} resolver
-from lab import distributed, io
+from lab import distributed, io, rundir
 from lab.devices import resolve_device
 from lab.errors import LabError
 from lab.logger import RunLogger
@@ -113,8 +114,11 @@ def run(cfg: DictConfig) -> float | None:
     device = resolve_device(t.device, info.local_rank)
     distributed.init(info, device)
     logger = task = None
+    sweep_job = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         run_dir = Path(distributed.broadcast(HydraConfig.get().runtime.output_dir, info))
+        if info.is_main:  # a single run's directory is already taken (claim_run_dir); a sweep job's is taken here
+            rundir.claim(run_dir, resume=bool(cfg.resume), overwrite=bool(cfg.get("overwrite")))
         seed_everything(int(cfg.seed), bool(t.deterministic))
         if t.get("num_threads"):
             torch.set_num_threads(int(t.num_threads))
@@ -140,6 +144,8 @@ def run(cfg: DictConfig) -> float | None:
             task.close()
         if logger is not None:
             logger.finish()
+        if sweep_job and info.is_main:
+            rundir.release(run_dir)
         distributed.shutdown()
     if trainer.stop_signal is not None:
         print(f"[lab] stopped at step {summary['step']}; continue with resume=true hydra.run.dir={run_dir}",
@@ -169,8 +175,16 @@ FAILED_RUNS: list[str] = []  # multirun jobs that stopped with a LabError (the s
 def hydra_main(cfg: DictConfig) -> float | None:
     try:
         return run(cfg)
-    except (LabError, OmegaConfBaseException) as e:  # OmegaConf: a missing key or a failed interpolation
-        msg = str(e) if isinstance(e, LabError) else f"config: {' '.join(str(e).split())}"
+    except (LabError, OmegaConfBaseException, OSError) as e:  # OmegaConf: a missing key or a failed interpolation
+        if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS):
+            raise
+        if isinstance(e, LabError):
+            msg = str(e)
+        elif isinstance(e, OSError):  # a media file or a log the file system refused
+            msg = (f"could not write {e.filename or 'a file of the run'} ({e.strerror}); free disk space, then "
+                   "resume=true continues from the last checkpoint")
+        else:
+            msg = f"config: {' '.join(str(e).split())}"
         print(f"error: {msg}", file=sys.stderr, flush=True)
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             # One bad run must not end a sweep: its objective is None (Optuna records a failed trial).
@@ -179,40 +193,56 @@ def hydra_main(cfg: DictConfig) -> float | None:
         sys.exit(2)
 
 
-def check_overrides(argv: list[str]) -> str | None:
-    """Hydra's strict mode in one line: compose the config as the run will (a sweep by its first value) and
-    return the problem with an override of a key the config does not have, before anything runs."""
+RUNLESS_FLAGS = ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc")
+
+
+def compose_run(argv: list[str]) -> tuple[str | None, DictConfig | None]:
+    """Compose the config as the run will (a sweep by its first value), before anything runs: (the problem with
+    an override of a key the config does not have, in one line; the config with its `hydra` node). Either is
+    None where the check does not apply (a syntax or a sweep Hydra reports itself, an app already running)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import ConfigCompositionException
 
     if GlobalHydra.instance().is_initialized():  # called from inside a Hydra app: it composes for itself
-        return None
+        return None, None
     try:
         parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
         lines = []
         for o in parsed:
-            if o.key_or_group.startswith("hydra"):
-                continue
             first = next(iter(o.sweep_string_iterator())) if o.is_sweep_override() else None
             lines.append(o.input_line if first is None else f"{o.get_key_element()}={first}")
     except Exception:  # noqa: BLE001 - a syntax Hydra reports itself, or a sweep with no first value (interval)
-        return None
+        return None, None
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            compose("config", overrides=lines)
+            return None, compose("config", overrides=lines, return_hydra_config=True)
     except ConfigCompositionException as e:
         text = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         m = re.fullmatch(r"Could not override '(.+)'\.", text[0]) if text else None
         if m:
             return (f"{m.group(1)} is not a key of this config, so the override cannot take effect; check its "
                     f"spelling (python -m lab +experiment=NAME --cfg job prints the config), or add a new key "
-                    f"with +{m.group(1)}=...")
-        return " ".join(text)[:400]
+                    f"with +{m.group(1)}=..."), None
+        return " ".join(text)[:400], None
     except Exception:  # noqa: BLE001 - anything else (a missing value, a plugin): the run reports it in its own words
-        return None
-    return None
+        return None, None
+
+
+def claim_run_dir(argv: list[str], cfg: DictConfig | None) -> list[str]:
+    """A single training, eval or generate run takes its directory (lab/rundir.py) before Hydra writes into it,
+    and runs there by an explicit hydra.run.dir (a timestamped default resolved once). Sweeps' jobs take theirs
+    in `run`."""
+    multirun = any(a in ("-m", "--multirun") for a in argv) or "MULTIRUN" in str(cfg.hydra.get("mode") if cfg else "")
+    if cfg is None or multirun or not cfg.get("task") or any(a.split("=")[0] in RUNLESS_FLAGS for a in argv):
+        return argv
+    try:
+        run_dir = Path(str(cfg.hydra.run.dir)).resolve()
+    except Exception:  # noqa: BLE001 - a run.dir only Hydra's own resolvers know: `run` claims it
+        return argv
+    rundir.claim(run_dir, resume=bool(cfg.get("resume")), overwrite=bool(cfg.get("overwrite")))
+    return [*(a for a in argv if not a.startswith("hydra.run.dir=")), f"hydra.run.dir={run_dir}"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -234,11 +264,16 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"error: {_usage(f'Unknown experiment: {unknown[0]!r}.')}", file=sys.stderr)
                 sys.exit(2)
     _register_plugins()
-    problem = check_overrides(argv)
+    problem, cfg = compose_run(argv)
+    info = distributed.from_env()
+    if not problem and info.is_main:
+        try:
+            argv = claim_run_dir(argv, cfg)
+        except LabError as e:
+            problem = str(e)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
-    info = distributed.from_env()
     scratch = None
     if info.enabled and not info.is_main:
         # Only rank 0 writes the run directory; the other ranks learn its path from rank 0.

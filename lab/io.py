@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from lab.errors import LabError
+
 
 def _read_umask() -> int:
     mask = os.umask(0o022)
@@ -21,36 +23,61 @@ def _read_umask() -> int:
 _UMASK = _read_umask()  # read once, at import: os.umask can only be read by setting it
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
+class _Recording:
+    """A file whose write errors are kept: torch.save reports a failed write (a full disk) as its own
+    RuntimeError, without the OSError that says why."""
+
+    def __init__(self, f: Any):
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> Any:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.f, name)
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb",
+                 hint: str = "what was there before is unchanged") -> None:
     """Call `write(file)` on a temporary file next to `path`, then rename it over `path`. The file gets
-    the usual permissions (0666 less the umask), not mkstemp's private 0600."""
+    the usual permissions (0666 less the umask), not mkstemp's private 0600. A write the file system refuses
+    (a full disk, a file-size limit) raises one `LabError` naming the file, the reason and `hint`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    f = None
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode) as raw:
+            f = _Recording(raw)
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            raw.flush()
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        cause = e if isinstance(e, OSError) else getattr(f, "error", None)
+        if isinstance(cause, OSError) and not isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise LabError(f"could not write {path} ({cause.strerror or cause}); {hint}") from None
         raise
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
+def write_json(path: str | os.PathLike, obj: Any, **kw: Any) -> None:
     """Write `obj` as indented JSON, atomically."""
-    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2, default=str) + "\n"), "w")
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2, default=str) + "\n"), "w", **kw)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     write_atomic(path, lambda f: f.write(text), "w")
 
 
-def torch_save(path: str | os.PathLike, obj: Any) -> None:
+def torch_save(path: str | os.PathLike, obj: Any, **kw: Any) -> None:
     """`torch.save`, atomically: an interrupted save never replaces a good file."""
-    write_atomic(path, lambda f: torch.save(obj, f), "wb")
+    write_atomic(path, lambda f: torch.save(obj, f), "wb", **kw)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from lab import io, media
+from lab.errors import LabError
 
 
 def _notice(msg: str) -> None:
@@ -144,7 +145,11 @@ class RunLogger:
         row = {"step": step, **{k: _scalar(v) for k, v in metrics.items()}}
         self.last.update(row)
         if self._file:
-            self._file.write(json.dumps(row) + "\n")
+            try:
+                self._file.write(json.dumps(row) + "\n")
+            except OSError as e:
+                raise LabError(f"could not append to {self.metrics_path} ({e.strerror or e}); its rows up to the last "
+                               "checkpoint are kept: free disk space, then resume=true continues the run") from None
         self._wandb_log(row)
 
     def _wandb_log(self, row: dict[str, Any]) -> None:
@@ -160,7 +165,8 @@ class RunLogger:
         """Write `summary.json` atomically: the last value of every metric plus `extra`."""
         out = {**self.last, **{k: _scalar(v) for k, v in extra.items()}}
         if self.enabled:
-            io.write_json(self.run_dir / "summary.json", out)
+            io.write_json(self.run_dir / "summary.json", out, hint="the checkpoints and metrics.jsonl are written: "
+                          "free disk space, then resume=true writes the summary")
             if self.wandb is not None:
                 try:
                     self.wandb.summary.update({k: v for k, v in extra.items() if k.startswith("best/")})

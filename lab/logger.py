@@ -64,25 +64,30 @@ class RunLogger:
         self.wandb = None  # the wandb run, when W&B is on
         self.run_id: str | None = None
         self.last: dict[str, Any] = {}
+        self.rows = 0  # rows in metrics.jsonl (a checkpoint records it: a resume keeps exactly those)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.media_dir = self.run_dir / "media"
         self._file = None
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self, resume_step: int | None = None, run_id: str | None = None, step_metric: str = "step",
-              main_metric: str | None = None, main_mode: str = "max") -> None:
-        """Open `metrics.jsonl` (keeping only lines up to `resume_step` on resume) and W&B, whose charts use
-        `step_metric` as their x-axis and whose summary keeps the best `main_metric` (max or min)."""
+              main_metric: str | None = None, main_mode: str = "max", resume_rows: int | None = None) -> None:
+        """Open `metrics.jsonl` and W&B, whose charts use `step_metric` as their x-axis and whose summary keeps the
+        best `main_metric` (max or min). On resume, keep the first `resume_rows` rows (what the checkpoint had
+        logged; a checkpoint without the count: the rows up to `resume_step`), so each row is there once."""
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             self.metrics_path.unlink(missing_ok=True)
         elif self.metrics_path.exists():
-            kept = [ln for ln in self.metrics_path.read_text().splitlines() if _step_of(ln) <= resume_step]
+            lines = [ln for ln in self.metrics_path.read_text().splitlines() if _step_of(ln) != math.inf]
+            kept = (lines[:resume_rows] if resume_rows is not None
+                    else [ln for ln in lines if _step_of(ln) <= resume_step])
             io.write_text(self.metrics_path, "".join(ln + "\n" for ln in kept))
             for ln in kept:
                 self.last.update(json.loads(ln))
+            self.rows = len(kept)
         self._file = open(self.metrics_path, "a", buffering=1)
         if self.cfg.get("backend") == "wandb":
             self._start_wandb(run_id)
@@ -147,6 +152,7 @@ class RunLogger:
         if self._file:
             try:
                 self._file.write(json.dumps(row) + "\n")
+                self.rows += 1
             except OSError as e:
                 raise LabError(f"could not append to {self.metrics_path} ({e.strerror or e}); its rows up to the last "
                                "checkpoint are kept: free disk space, then resume=true continues the run") from None

@@ -1,9 +1,10 @@
 """`python -m lab report PATH... [--out DIR]`: one self-contained HTML page comparing runs, without W&B.
 
 PATH is a run directory (it holds `metrics.jsonl`) or any directory above runs (a sweep, `outputs/`).
-The page has learning curves (one chart per metric, one line per run, against `env_steps` for agents
-and `step` otherwise), a table of final and best metrics with the hyperparameters that differ between
-runs, and the best run by the experiment's main metric. The charts are also written as PNG files.
+The page has one section per experiment (runs of an MNIST classifier and of an agent are not compared):
+its learning curves (one chart per metric, one line per run, against `env_steps` for agents and `step`
+otherwise), a table of final and best metrics with the hyperparameters that differ between its runs, and
+its best run by its main metric. The charts are also written as PNG files.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ class Run:
     rows: list[dict[str, Any]]
     summary: dict[str, Any]
     config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def experiment(self) -> str:
+        return str(self.config.get("experiment") or self.summary.get("experiment") or "unknown experiment")
 
     @property
     def main_metric(self) -> str | None:
@@ -138,10 +143,22 @@ def chart_keys(runs: list[Run]) -> list[str]:
     return order[:MAX_CHARTS]
 
 
+def step_axis(runs: list[Run]) -> str:
+    """The x-axis of one experiment's charts: `env_steps` for agents, else the trainer's `step`."""
+    return "env_steps" if any("env_steps" in row for r in runs for row in r.rows) else "step"
+
+
+def by_experiment(runs: list[Run]) -> dict[str, list[Run]]:
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(r.experiment, []).append(r)
+    return dict(sorted(groups.items()))
+
+
 def plot_metric(runs: list[Run], key: str):
     from lab.plots import plt
 
-    x_key = "env_steps" if any("env_steps" in row for r in runs for row in r.rows) else "step"
+    x_key = step_axis(runs)
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for r in runs:
         pts = [(row[x_key], row[key]) for row in r.rows
@@ -164,11 +181,11 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
-def render(runs: list[Run], out_dir: Path) -> Path:
+def _section(runs: list[Run], figures: Path, title: str | None) -> str:
+    """One experiment's table, best run and charts (PNG files in `figures`) as HTML."""
     from lab.plots import plt
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "figures").mkdir(exist_ok=True)
+    figures.mkdir(parents=True, exist_ok=True)
     best = best_run(runs)
     hp = differing_hparams(runs)
     charts = []
@@ -178,7 +195,7 @@ def render(runs: list[Run], out_dir: Path) -> Path:
         fig.savefig(buf, format="png", dpi=100)
         plt.close(fig)
         png = buf.getvalue()
-        (out_dir / "figures" / f"{key.replace('/', '_')}.png").write_bytes(png)
+        (figures / f"{key.replace('/', '_')}.png").write_bytes(png)
         charts.append((key, base64.b64encode(png).decode()))
 
     main = next((r.main_metric for r in runs if r.main_metric), None)
@@ -201,6 +218,32 @@ def render(runs: list[Run], out_dir: Path) -> Path:
                  f"({e(_fmt(best.objective))})</p>" if best else "<p>No run has reached an evaluation yet.</p>")
     figs = "".join(f'<figure><img alt="{e(k)}" src="data:image/png;base64,{b}"><figcaption>{e(k)}</figcaption>'
                    "</figure>" for k, b in charts)
+    heading = f'<h2 id="{e(title)}">{e(title)}</h2>\n' if title else ""
+    return f"""{heading}<p>{len(runs)} run(s); main metric: {e(main or 'none')}; charts against {e(step_axis(runs))};
+hyperparameters that differ: {e(', '.join(hp) or 'none')}.</p>
+{best_line}
+<h3>Runs</h3>
+<table><thead><tr>{head}</tr></thead><tbody>
+{''.join(body)}
+</tbody></table>
+<h3>Learning curves</h3>
+{figs or '<p>No metrics logged yet.</p>'}
+"""
+
+
+def render(runs: list[Run], out_dir: Path) -> Path:
+    """report.html in `out_dir`: one section per experiment (figures/ holds the charts; figures/EXPERIMENT/ when
+    the runs are of several experiments)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups = by_experiment(runs)
+    e = html.escape
+    if len(groups) == 1:
+        sections = _section(runs, out_dir / "figures", None)
+        contents = ""
+    else:
+        sections = "".join(_section(g, out_dir / "figures" / name, name) for name, g in groups.items())
+        contents = "<p>Experiments: " + ", ".join(f'<a href="#{e(n)}">{e(n)}</a> ({len(g)})'
+                                                  for n, g in groups.items()) + "</p>"
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>lab report: {len(runs)} run(s)</title>
 <style>
@@ -216,14 +259,9 @@ figcaption {{ text-align: center; font-size: 12px; color: #555; }}
 </style></head>
 <body>
 <h1>lab report</h1>
-<p>{len(runs)} run(s); main metric: {e(main or 'none')}; hyperparameters that differ: {e(', '.join(hp) or 'none')}.</p>
-{best_line}
-<h2>Runs</h2>
-<table><thead><tr>{head}</tr></thead><tbody>
-{''.join(body)}
-</tbody></table>
-<h2>Learning curves</h2>
-{figs or '<p>No metrics logged yet.</p>'}
+<p>{len(runs)} run(s) of {len(groups)} experiment(s).</p>
+{contents}
+{sections}
 </body></html>
 """
     path = out_dir / "report.html"

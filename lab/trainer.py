@@ -174,6 +174,18 @@ class _Window:
     def means(self) -> dict[str, float]:
         return {f"train/{k}": (v / self.counts[k]).item() for k, v in self.sums.items()}
 
+    def state_dict(self) -> dict[str, Any]:
+        """In each checkpoint: a resumed run finishes the window it stopped in, so its log rows are the same."""
+        return {"sums": {k: v.detach().cpu() for k, v in self.sums.items()}, "counts": dict(self.counts),
+                "steps": self.steps, "samples": self.samples}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None, device: torch.device) -> _Window:
+        if not state:
+            return cls()
+        return cls({k: v.to(device) for k, v in state["sums"].items()}, dict(state["counts"]), int(state["steps"]),
+                   int(state["samples"]))
+
 
 @dataclass
 class _Run:
@@ -252,7 +264,8 @@ class Trainer:
         with self.unwrapped(task):
             task_state = task.snapshot_state() if snapshot else task.state_dict()
         return {**self._counters(run), "task": task_state, **optim.state_dict(), "rng": checkpoint.rng_state(),
-                "best": self.best, "logger_run_id": self.logger.run_id, "config": self.config}
+                "best": self.best, "logger_run_id": self.logger.run_id, "config": self.config,
+                "metrics_rows": self.logger.rows, "window": run.window.state_dict()}
 
     def _save(self, name: str, state: dict[str, Any]) -> None:
         if self.dist.is_main:
@@ -305,14 +318,16 @@ class Trainer:
         return Optimizers(task.optimizers(horizon), self.device, self.precision, cfg.get("grad_clip")), horizon
 
     def _start_logging(self, task: Task, run: _Run) -> None:
+        """metrics.jsonl and W&B; a resumed run keeps exactly the rows its checkpoint had logged."""
         state = run.resumed
         self.logger.start(resume_step=run.step if state else None, run_id=state and state.get("logger_run_id"),
-                          step_metric=task.step_metric, main_metric=task.main_metric, main_mode=task.main_mode)
+                          step_metric=task.step_metric, main_metric=task.main_metric, main_mode=task.main_mode,
+                          resume_rows=state.get("metrics_rows") if state else None)
         self.logger.step = run.step
         if state:
             print(f"[lab] resumed from {self.ckpt_dir / 'last.pt'} at step {run.step}", flush=True)
         self._clock = (time.perf_counter(), run.elapsed_s)
-        run.window = _Window()
+        run.window = _Window.from_state(state and state.get("window"), self.device)
 
     def _progress_bar(self, run: _Run, horizon: int | None) -> tqdm:
         return tqdm(total=None if horizon is None else min(horizon, self.max_steps), initial=run.step, unit="step",

@@ -74,6 +74,21 @@ def test_one_process_per_run_directory_and_no_stale_lock_after_a_crash(tmp_path:
     rundir.release(run)
 
 
+def _names(folder: Path) -> set[str]:
+    """The files in `folder` now (none while it does not exist, or is being moved aside by overwrite=true)."""
+    try:
+        return {f.name for f in os.scandir(folder)}
+    except OSError:
+        return set()
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
 def _without_timing(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if not k.startswith("perf/") and k != "elapsed_s"}
 
@@ -93,17 +108,16 @@ def _kill_nine(tmp_path: Path, args: list[str], kills: int, seed: int) -> dict:
         in_save = rng.random() < 0.5
         nth_save, delay = rng.randint(1, 3), rng.uniform(0.0, 0.4)
         metrics = run / "metrics.jsonl"
-        start = metrics.stat().st_mtime_ns if metrics.exists() else 0
+        start = _mtime(metrics)
         saves: set[str] = set()
         armed_at = None
         while p.poll() is None:
             if in_save:
-                tmp = {f.name for f in os.scandir(run / "checkpoints")} if (run / "checkpoints").is_dir() else set()
-                saves |= {n for n in tmp if n.endswith(".tmp")}
+                saves |= {n for n in _names(run / "checkpoints") if n.endswith(".tmp")}
                 if len(saves) >= nth_save:
                     break
             else:
-                if armed_at is None and metrics.exists() and metrics.stat().st_mtime_ns != start:
+                if armed_at is None and _mtime(metrics) not in (0, start):
                     armed_at = time.perf_counter()  # training has begun (the logger rewrote metrics.jsonl)
                 if armed_at is not None and time.perf_counter() - armed_at >= delay:
                     break
@@ -113,7 +127,7 @@ def _kill_nine(tmp_path: Path, args: list[str], kills: int, seed: int) -> dict:
             break
         p.send_signal(signal.SIGKILL)
         p.wait()
-        left = [f for f in (run / "checkpoints").glob(".*.tmp")] if (run / "checkpoints").is_dir() else []
+        left = [n for n in _names(run / "checkpoints") if n.endswith(".tmp")]
         landed.append("inside a save" if left else "elsewhere")
     final = run_lab(tmp_path, *args, f"hydra.run.dir={run}", "resume=true", env=one_thread(tmp_path))
     assert final.returncode == 0, final.stderr[-3000:]

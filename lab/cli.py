@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from lab import config as _config  # noqa: F401 - registers the ${ceil_div:...} resolver
-from lab import distributed, io, rundir
+from lab import distributed, io, rundir, seeds
 from lab.devices import resolve_device
 from lab.errors import LabError
 from lab.logger import RunLogger
@@ -131,6 +131,12 @@ def run(cfg: DictConfig) -> float | None:
                          precision=run_precision(t.precision, device, task_cls), compile=bool(t.compile),
                          channels_last=bool(t.get("channels_last")), grad_clip=t.get("grad_clip"), mode=mode)
         check_task(task_cls, ctx)
+        if cfg.get("seeds"):  # several seeds, each its own run in a subdirectory: the result is their aggregate
+            if mode != "train" or info.enabled or not task_cls.main_metric:
+                raise LabError("seeds=[...] trains several seeds, one process each, and aggregates their main "
+                               "metric: use it with mode=train, without torchrun, for a task with a main_metric")
+            return seeds.run(cfg, run_dir, list(HydraConfig.get().overrides.task), str(task_cls.main_metric),
+                             task_cls.main_mode)
         task = task_cls(cfg, ctx)
         trainer = Trainer(t, ctx, config)
         if mode == "eval":

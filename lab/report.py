@@ -181,6 +181,22 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
+def seed_line(runs: list[Run], main: str | None) -> str:
+    """For runs that differ only in `seed`: the IQM of their final main metric with its 95% bootstrap interval
+    (rliable), their worst and their mean, as one HTML paragraph (empty otherwise)."""
+    from lab import seeds
+
+    finals = [r.summary.get(main) for r in runs] if main else []
+    if len(runs) < 2 or differing_hparams(runs) != ["seed"] or not all(isinstance(v, (int, float)) for v in finals):
+        return ""
+    point, lo, hi = seeds.interval([float(v) for v in finals])
+    mode = runs[0].summary.get("main_mode", "max")
+    e = html.escape
+    return (f'<p class="seeds">Across {len(finals)} seeds: IQM of the final {e(main)} = <b>{point:.4g}</b> '
+            f"(95% CI {lo:.4g} to {hi:.4g}); worst {seeds.aggregate(finals, 'worst', mode):.4g}, "
+            f"mean {seeds.aggregate(finals, 'mean', mode):.4g}.</p>")
+
+
 def _section(runs: list[Run], figures: Path, title: str | None) -> str:
     """One experiment's table, best run and charts (PNG files in `figures`) as HTML."""
     from lab.plots import plt
@@ -219,6 +235,7 @@ def _section(runs: list[Run], figures: Path, title: str | None) -> str:
     figs = "".join(f'<figure><img alt="{e(k)}" src="data:image/png;base64,{b}"><figcaption>{e(k)}</figcaption>'
                    "</figure>" for k, b in charts)
     heading = f'<h2 id="{e(title)}">{e(title)}</h2>\n' if title else ""
+    best_line += seed_line(runs, main)
     return f"""{heading}<p>{len(runs)} run(s); main metric: {e(main or 'none')}; charts against {e(step_axis(runs))};
 hyperparameters that differ: {e(', '.join(hp) or 'none')}.</p>
 {best_line}

@@ -4,7 +4,7 @@
       - an exclusive OS lock (flock) on dir/.lock, held until the process ends: the kernel releases it when
         the process dies, so a crash (kill -9 included) never leaves a stale lock; a second process is refused
         with the holder's PID and host
-      - a directory that already holds a run (summary.json, metrics.jsonl or a checkpoint) is refused unless
+      - a directory that already holds a run (summary.json, metrics.jsonl, seeds.json or a checkpoint) is refused unless
         resume=true continues it or overwrite=true first moves it aside to dir.<timestamp> (never deleted)
       - temporary files of a save that a killed process left behind are removed
 """
@@ -24,8 +24,8 @@ _held: dict[Path, int] = {}  # directory -> the descriptor holding its lock, for
 
 
 def holds_run(path: Path) -> bool:
-    """Whether `path` holds a run's results: its summary, its metrics or a checkpoint."""
-    return (path / "summary.json").exists() or (path / "metrics.jsonl").exists() or \
+    """Whether `path` holds a run's results: its summary, its metrics, a checkpoint, or a multi-seed run's seeds."""
+    return any((path / f).exists() for f in ("summary.json", "metrics.jsonl", "seeds.json")) or \
         any((path / "checkpoints").glob("*.pt"))
 
 

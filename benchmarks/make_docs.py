@@ -694,6 +694,19 @@ def _v(rec: dict[str, Any], path: str) -> str:
     return fmt(v)
 
 
+def _seeds(rec: dict[str, Any], who: str, other: str, other_name: str) -> str:
+    """A multi-seed CartPole record: the IQM of the final returns over seeds, and how many seeds end at 475."""
+    def part(name: str) -> tuple[str, str, int, int]:
+        r = rec["reliability"][name]
+        lo, hi = r["iqm_final_return_ci95"]
+        return fmt(r["iqm_final_return"]), f"{fmt(lo)}-{fmt(hi)}", sum(f >= 475 for f in r["final_returns"]), r["seeds"]
+
+    iqm, ci, ok, n = part(who)
+    o_iqm, _, o_ok, o_n = part(other)
+    return (f"final return over {n} seeds: IQM {iqm} (95% CI {ci}), {ok} of {n} seeds end at 475 or more "
+            f"({other_name}: IQM {o_iqm}, {o_ok} of {o_n})")
+
+
 def _pong(rec: dict[str, Any]) -> str:
     curve = rec["eval_curve"]
     best = max(curve, key=lambda e: e["return"])
@@ -719,13 +732,8 @@ HEADLINES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "fashion_small": ("vision_augment", lambda r: (
         f"best test accuracy {_v(r, 'without_augmentation/best_test_accuracy')} without augmentation, "
         f"{_v(r, 'crop_and_flip/best_test_accuracy')} with crop and flip")),
-    "dqn_cartpole": ("cartpole", lambda r: (
-        f"median {_v(r, 'lab/summary/median_steps_to_475')} env steps to a return of "
-        f"{_v(r, 'target_eval_return')} (SB3: {_v(r, 'sb3/summary/median_steps_to_475')}), "
-        f"{len(r['seeds'])} seeds")),
-    "sb3_dqn": ("cartpole", lambda r: (
-        f"on CartPole: median {_v(r, 'sb3/summary/median_steps_to_475')} env steps to a return of "
-        f"{_v(r, 'target_eval_return')} (the lab: {_v(r, 'lab/summary/median_steps_to_475')})")),
+    "dqn_cartpole": ("cartpole_10seeds_avx2", lambda r: _seeds(r, "lab", "sb3", "SB3")),
+    "sb3_dqn": ("cartpole_10seeds_avx2", lambda r: "on CartPole: " + _seeds(r, "sb3", "lab", "the lab")),
     "dqn_pong": ("dqn_pong_gpu", _pong),
     "dcgan_mnist": ("dcgan_mnist", lambda r: (
         f"{_v(r, 'throughput_ratio')}x a pytorch/examples loop's images/s; FID {_v(r, 'final_fid/lab/mean')} vs "

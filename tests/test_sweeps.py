@@ -173,7 +173,8 @@ def test_wandb_sweep_file_is_valid_and_its_command_runs_the_lab(sweep_file: Path
 
 @pytest.mark.parametrize("search", sorted((REPO / "conf" / "hparams_search").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_optuna_search_space_names_keys_of_its_experiment(search: Path, tmp_path: Path) -> None:
-    experiment = {"mnist_optuna": "mnist_cnn"}.get(search.stem, search.stem.removesuffix("_optuna"))
+    experiment = {"mnist_optuna": "mnist_cnn", "dqn_cartpole_seeds_optuna": "dqn_cartpole"}.get(
+        search.stem, search.stem.removesuffix("_optuna"))
     p = run_lab(tmp_path, f"+experiment={experiment}", f"+hparams_search={search.stem}", "--cfg", "job")
     assert p.returncode == 0, p.stderr[-2000:]
     cfg = yaml.safe_load(p.stdout)

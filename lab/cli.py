@@ -24,8 +24,8 @@ from lab import distributed, io, rundir, seeds
 from lab.devices import resolve_device
 from lab.errors import LabError
 from lab.logger import RunLogger
-from lab.task import RunContext, Task
-from lab.trainer import Trainer, check_config, check_task, run_precision
+from lab.task import Task
+from lab.trainer import Trainer, check_config, run_context
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -127,10 +127,7 @@ def run(cfg: DictConfig) -> float | None:
         if info.is_main:  # Hydra's .hydra/config.yaml keeps interpolations; this is what the run used
             io.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(config))
         logger = RunLogger(cfg.logger, run_dir, config, enabled=info.is_main)
-        ctx = RunContext(device=device, dist=info, logger=logger, run_dir=run_dir, seed=int(cfg.seed),
-                         precision=run_precision(t.precision, device, task_cls), compile=bool(t.compile),
-                         channels_last=bool(t.get("channels_last")), grad_clip=t.get("grad_clip"), mode=mode)
-        check_task(task_cls, ctx)
+        ctx = run_context(t, task_cls, device, info, logger, run_dir, int(cfg.seed), mode)
         if cfg.get("seeds"):  # several seeds, each its own run in a subdirectory: the result is their aggregate
             if mode != "train" or info.enabled or not task_cls.main_metric:
                 raise LabError("seeds=[...] trains several seeds, one process each, and aggregates their main "

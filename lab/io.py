@@ -92,3 +92,12 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
         except ValueError:
             continue
     return rows
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file's object (a run's summary.json), or {} when it is missing or unreadable (a run still going,
+    or killed before writing it)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}

@@ -63,7 +63,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
     runs = []
     for d in dict.fromkeys(dirs):
         rows = read_metrics(d)
-        summary = _read_json(d / "summary.json")
+        summary = io.read_json(d / "summary.json")
         name = str(d.resolve().relative_to(root)) if d.resolve() != root else d.name
         runs.append(Run(d, name or d.name, rows, summary, _read_config(d)))
     return runs
@@ -79,13 +79,6 @@ def _common_parts(paths: list[Path]) -> tuple[str, ...]:
     if len(paths) == 1:
         parts = parts[:-1]
     return tuple(parts) or ("/",)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _read_config(run_dir: Path) -> dict[str, Any]:

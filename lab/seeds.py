@@ -13,7 +13,6 @@ result; each seed's directory is an ordinary run (its metrics, summary, checkpoi
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -92,7 +91,7 @@ def run(cfg: Any, run_dir: Path, overrides: list[str], main_metric: str, main_mo
             cmd = [sys.executable, "-m", "lab", *keep, f"seed={seed}", "seeds=null",
                    f"hydra.run.dir={run_dir / f'seed_{seed}'}"]
             code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-        value = _read(run_dir / f"seed_{seed}" / "summary.json").get(main_metric)
+        value = io.read_json(run_dir / f"seed_{seed}" / "summary.json").get(main_metric)
         ok = code == 0 and isinstance(value, (int, float)) and math.isfinite(value)
         print(f"[lab] seed {seed}: final {main_metric}={value if ok else 'failed'}", flush=True)
         return float(value) if ok else None
@@ -113,10 +112,3 @@ def run(cfg: Any, run_dir: Path, overrides: list[str], main_metric: str, main_mo
     result = aggregate(values, how, main_mode)
     print(f"[lab] seeds {seeds}: {how} of the final {main_metric} = {result:.4g}", flush=True)
     return result
-
-
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}

@@ -150,6 +150,17 @@ def run_precision(spec: Any, device: torch.device, task_cls: type[Task] | None =
     return resolve_precision(spec, device)
 
 
+def run_context(t: DictConfig, task_cls: type[Task], device: torch.device, dist: Any, logger: Any, run_dir: Path,
+                seed: int, mode: str) -> RunContext:
+    """What the task sees of the run: the trainer block `t` resolved for this device and task, then checked
+    against the task's capability flags."""
+    ctx = RunContext(device=device, dist=dist, logger=logger, run_dir=run_dir, seed=seed,
+                     precision=run_precision(t.precision, device, task_cls), compile=bool(t.compile),
+                     channels_last=bool(t.get("channels_last")), grad_clip=t.get("grad_clip"), mode=mode)
+    check_task(task_cls, ctx)
+    return ctx
+
+
 @dataclass
 class _Window:
     """The train/ metrics of the steps since the last log row: sums and counts, steps, samples, start time."""

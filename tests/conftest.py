@@ -102,14 +102,11 @@ def build_task(tmp_path: Path, experiment: str, *overrides: str, device: str = "
 
     from lab.distributed import DistInfo
     from lab.logger import RunLogger
-    from lab.task import RunContext
-    from lab.trainer import check_task, run_precision
+    from lab.trainer import run_context
 
     cfg = compose(experiment, "logger=none", *overrides)
     task_cls = hydra.utils.get_class(cfg.task)
-    t, dev = cfg.trainer, torch.device(device)
-    ctx = RunContext(dev, DistInfo(), RunLogger(OmegaConf.create({"backend": "none"}), tmp_path, {}), tmp_path,
-                     int(cfg.seed), precision=run_precision(t.precision, dev, task_cls), compile=bool(t.compile),
-                     channels_last=bool(t.channels_last), grad_clip=t.grad_clip, mode=str(cfg.mode))
-    check_task(task_cls, ctx)
+    logger = RunLogger(OmegaConf.create({"backend": "none"}), tmp_path, {})
+    ctx = run_context(cfg.trainer, task_cls, torch.device(device), DistInfo(), logger, tmp_path, int(cfg.seed),
+                      str(cfg.mode))
     return task_cls(cfg, ctx)

@@ -40,6 +40,7 @@ from agents.replay import ReplayBuffer
 from lab.config import build
 from lab.cuda_graph import GraphedStep
 from lab.errors import LabError
+from lab.optim import build_scheduler, constant_lr
 from lab.task import RunContext, Task
 
 
@@ -130,6 +131,9 @@ class DQN(Agent):
         if self.graphed and ctx.precision != "32":
             raise LabError(f"agent.cuda_graph=true needs trainer.precision=32 (it is {ctx.precision}): "
                            "autocast's weight cache cannot be captured")
+        if self.graphed and not constant_lr(cfg.get("scheduler")):
+            raise LabError("agent.cuda_graph=true replays the Adam step with a fixed learning rate: drop the "
+                           "schedule (scheduler.name=none) or set agent.cuda_graph=false")
         self.learning_run = ctx.mode == "train"  # mode=eval builds no envs or buffer
         probe = make_env(cfg.env, 1, ctx.seed)
         self.atari = is_atari(str(cfg.env.id))
@@ -179,14 +183,22 @@ class DQN(Agent):
     # ---- trainer contract -------------------------------------------------------------------------
     def optimizers(self, total_steps: int | None) -> dict[str, Any]:
         """`optimizer:` (Adam in every recipe), fused into one kernel where torch has one; with agent.cuda_graph
-        `capturable`, so that its step count lives on the GPU, inside the graph."""
+        `capturable`, so that its step count lives on the GPU, inside the graph. `scheduler:` spans the updates."""
         device = next(self.q.parameters()).device
         fast: dict[str, Any] = {}
         if str(self.cfg.optimizer.get("_target_")) in ("torch.optim.Adam", "torch.optim.AdamW"):
             fast = {"fused": device.type in ("cuda", "cpu"), "capturable": self.graphed and device.type == "cuda"}
         elif self.graphed:
             raise LabError(f"agent.cuda_graph=true needs Adam (optimizer=adam), not {self.cfg.optimizer._target_}")
-        return {"q": build(self.cfg.optimizer, "optimizer", self.q.parameters(), **fast)}
+        opt = build(self.cfg.optimizer, "optimizer", self.q.parameters(), **fast)
+        return {"q": (opt, build_scheduler(self.cfg.get("scheduler"), opt, self.total_updates()))}
+
+    def total_updates(self) -> int:
+        """Updates in the whole run: `scheduler:` (e.g. linear decay) spans them, learning_starts to the end."""
+        a = self.a
+        iterations = -(-a.total_timesteps // a.train_frequency)
+        idle = -(-a.learning_starts // a.train_frequency)  # iterations before env_steps reaches learning_starts
+        return max(1, (iterations - idle) * a.gradient_steps)
 
     def progress(self) -> dict[str, float]:
         return {"env_steps": self.env_steps, "frames": self.env_steps * self.frameskip}

@@ -77,6 +77,9 @@ def make_env(cfg: DictConfig, num_envs: int, seed: int, render: bool = False,
         try:
             env = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode=str(cfg.get("vectorization", "sync")),
                                render_mode="rgb_array" if render else None, vector_kwargs=mode)
+        except gym.error.DependencyNotInstalled as e:
+            raise LabError(f"env.id={env_id!r} needs a package that is not installed ({str(e).rstrip('.')}); "
+                           "for the box2d envs (LunarLander-v3): pip install Box2D") from None
         except gym.error.Error as e:
             problem = str(e).rstrip(".")
             raise LabError(f"env.id={env_id!r}: {problem}{'' if problem.endswith('?') else '.'} Use a Gymnasium "

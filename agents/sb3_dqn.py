@@ -10,6 +10,7 @@ SB3 owns the learning (its replay buffer, optimizer, target network, epsilon sch
 How the lab's keys map onto `stable_baselines3.DQN`:
 
     optimizer.lr               -> learning_rate
+    scheduler (name: linear)   -> learning_rate as a function of SB3's progress (over env steps, not updates)
     optimizer.eps, .betas, .weight_decay -> the Adam optimizer's (optimizer_kwargs); SB3 uses Adam only
     buffer_size, learning_starts, batch_size, gamma, tau, gradient_steps,
     target_update_interval, exploration_fraction  -> the same names
@@ -42,6 +43,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvO
 from agents.dqn import Agent, check_agent_config
 from agents.envs import EpisodeTracker, Evaluator, is_atari, make_env
 from lab.errors import LabError
+from lab.optim import constant_lr
 from lab.task import RunContext
 
 SB3_DEFAULT_MAX_GRAD_NORM = 10.0
@@ -189,6 +191,21 @@ def check_config(cfg: DictConfig) -> None:
         raise LabError(f"optimizer._target_={target}: stable-baselines3's DQN trains with Adam; use optimizer=adam")
 
 
+def learning_rate(cfg: DictConfig) -> Any:
+    """`optimizer.lr`, or with `scheduler.name=linear` SB3's schedule of it: a function of the progress remaining
+    (1 at the start, 0 at total_timesteps) from optimizer.lr down to end_factor times it."""
+    lr = float(cfg.optimizer.lr)
+    sched = cfg.get("scheduler") or {}
+    if constant_lr(sched):
+        return lr
+    name = str(sched.get("name"))
+    if name != "linear":
+        raise LabError(f"scheduler.name={name}: the SB3 baseline has only the linear schedule; use "
+                       "scheduler.name=linear or none")
+    end = float(sched.get("end_factor", 0.0))
+    return lambda progress_remaining: lr * (end + (1.0 - end) * progress_remaining)
+
+
 def adam_kwargs(opt: DictConfig) -> dict[str, Any]:
     """The `optimizer:` block's Adam settings besides the learning rate, as SB3's `optimizer_kwargs`."""
     kwargs = {k: v for k, v in OmegaConf.to_container(opt, resolve=True).items() if k not in ("_target_", "lr")}
@@ -244,7 +261,7 @@ class SB3DQN(Agent):
         grad_clip = ctx.grad_clip
         self.model = DQN(
             "CnnPolicy" if pixels else "MlpPolicy", self.env,
-            learning_rate=float(cfg.optimizer.lr), buffer_size=int(a.buffer_size) if self.train_mode else n,
+            learning_rate=learning_rate(cfg), buffer_size=int(a.buffer_size) if self.train_mode else n,
             learning_starts=int(a.learning_starts), batch_size=int(a.batch_size), tau=float(a.tau),
             gamma=float(a.gamma), train_freq=int(a.train_frequency) // n, gradient_steps=int(a.gradient_steps),
             optimize_memory_usage=False, target_update_interval=int(a.target_update_interval),

@@ -236,48 +236,10 @@ def summary(runs: list[dict[str, Any]], wall_key: str) -> dict[str, Any]:
 
 def reliability(agents: dict[str, list[dict[str, Any]]], png: Path | None = None) -> dict[str, Any]:
     """rliable's IQM of the final returns with 95% intervals, the share of seeds ending at >= 475, and (into
-    `png`) the IQM learning curves over the evaluations every seed has."""
-    import numpy as np
-    from rliable import library as rly
-    from rliable import metrics
+    `png`) the IQM learning curves over the evaluations every seed has (benchmarks/dqn_seeds.py)."""
+    from dqn_seeds import reliability as over_seeds
 
-    from lab.seeds import interval
-
-    out: dict[str, Any] = {}
-    curves: dict[str, tuple[list[int], Any, Any]] = {}
-    for name, runs in agents.items():
-        finals = [r["final_eval_return"] for r in runs]
-        point, lo, hi = interval(finals)
-        out[name] = {"seeds": len(runs), "iqm_final_return": round(point, 2), "iqm_final_return_ci95": [round(lo, 2),
-                     round(hi, 2)], "share_final_at_least_475": round(sum(f >= TARGET for f in finals) / len(runs), 3),
-                     "final_returns": finals}
-        n = min(len(r["evaluations"]) for r in runs)
-        steps = [e["env_steps"] for e in runs[0]["evaluations"][:n]]
-        scores = np.array([[e["eval_return"] for e in r["evaluations"][:n]] for r in runs], dtype=np.float64)
-        np.random.seed(0)
-        iqm, ci = rly.get_interval_estimates(
-            {name: scores}, lambda x: np.array([metrics.aggregate_iqm(x[:, j]) for j in range(x.shape[1])]), reps=2000)
-        curves[name] = (steps, iqm[name], ci[name])
-        out[name]["iqm_curve"] = {"env_steps": steps, "iqm": [round(float(v), 2) for v in iqm[name]],
-                                  "ci95_low": [round(float(v), 2) for v in ci[name][0]],
-                                  "ci95_high": [round(float(v), 2) for v in ci[name][1]]}
-    if png is not None:
-        from lab.plots import plt
-
-        fig, ax = plt.subplots(figsize=(6.4, 3.8))
-        for name, (steps, iqm_curve, ci) in curves.items():
-            ax.plot(steps, iqm_curve, marker="o", ms=3, label=f"{name} (IQM, {out[name]['seeds']} seeds)")
-            ax.fill_between(steps, ci[0], ci[1], alpha=0.2)
-        ax.axhline(TARGET, color="grey", lw=0.8, ls="--")
-        ax.set_xlabel("env steps")
-        ax.set_ylabel("evaluation return")
-        ax.set_title("CartPole-v1: IQM of the evaluation return over seeds, 95% bootstrap bands", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(png, dpi=100)
-        plt.close(fig)
-    return out
+    return over_seeds(agents, TARGET, "CartPole-v1", png)
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

@@ -59,6 +59,16 @@ SCRIPTS: dict[str, str] = {
         "other in the same run. Seconds count training only (evaluation excluded). The lab steps 4 envs (its "
         "recipe), SB3 1 env (RL Zoo's); both evaluate after the same env steps, on 10 greedy games. RL Zoo's "
         "recipe swings between seeds on both sides: three seeds do not separate the two."),
+    "dqn_seeds": (
+        "A DQN recipe over many seeds against stable-baselines3 with RL Zoo's hyperparameters on the same env, "
+        "budget and evaluation (10 greedy games at the same env steps and at the end), each side one "
+        "`python -m lab ... seeds=[0..N-1]` run (two seeds at a time on two cores), reported through rliable: "
+        "the interquartile mean of the seeds' *final* returns with its 95% stratified-bootstrap interval, how "
+        "many seeds end at the env's threshold or better, and the IQM learning curves with 95% bands (PNG)."),
+    "optuna_study": (
+        "An Optuna search kept as a record: every trial's parameters, objective and state and, for a "
+        "multi-seed search (`conf/hparams_search/dqn_cartpole_seeds_optuna.yaml`), each trial's per-seed "
+        "final returns; the best trial."),
     "dqn_update": (
         "One Nature-DQN update (batch 32 of 4x84x84 uint8 frames: target and online forwards, Huber loss, "
         "backward, clipping, fused Adam) in fp32 and bf16 autocast, NCHW and channels-last, and fp32 "
@@ -218,6 +228,28 @@ SPECS: dict[str, list[Any]] = {
             "ratio_lab_over_sb3/median_steps_to_475", "ratio_lab_over_sb3/median_seconds_to_475",
             "ratio_lab_over_sb3/median_train_s_full_budget"),
         Row("torch threads, lab / SB3", "lab/torch_threads", "sb3/torch_threads"),
+    ],
+    "dqn_seeds": [
+        Row("env, threshold", "env", "threshold"),
+        Row("seeds", "seeds"),
+        Row("IQM of the final return, lab / SB3", "reliability/lab/iqm_final_return",
+            "reliability/sb3/iqm_final_return"),
+        Row("its 95% interval, lab / SB3", "reliability/lab/iqm_final_return_ci95",
+            "reliability/sb3/iqm_final_return_ci95"),
+        Row("seeds ending at the threshold or better, lab / SB3", "reliability/lab/seeds_at_threshold",
+            "reliability/sb3/seeds_at_threshold"),
+        Row("lab: final return, per seed", "reliability/lab/final_returns"),
+        Row("SB3: final return, per seed", "reliability/sb3/final_returns"),
+        Row("wall seconds of all seeds, lab / SB3", "lab/multi_seed_wall_s", "sb3/multi_seed_wall_s"),
+        Row("lab: command", "lab/command"),
+        Row("SB3: command", "sb3/command"),
+    ],
+    "optuna_study": [
+        Row("study, direction", "study_name", "direction"),
+        Row("trials complete", "trials_complete"),
+        Row("best trial: number, objective", "best/number", "best/value"),
+        Row("best trial: parameters", "best/params"),
+        Row("best trial: final return per seed", "best/seeds_final"),
     ],
     "dqn_update": [
         Grid([("fp32", "fp32"), ("fp32, channels-last", "fp32_channels_last"), ("bf16", "bf16"),
@@ -695,16 +727,22 @@ def _v(rec: dict[str, Any], path: str) -> str:
 
 
 def _seeds(rec: dict[str, Any], who: str, other: str, other_name: str) -> str:
-    """A multi-seed CartPole record: the IQM of the final returns over seeds, and how many seeds end at 475."""
+    """A multi-seed record: the IQM of the final returns over seeds, and how many seeds end at the threshold;
+    the same for `other` (another side of the record) where it has one."""
+    threshold = rec.get("threshold", rec.get("target_eval_return", 475))
+
     def part(name: str) -> tuple[str, str, int, int]:
         r = rec["reliability"][name]
         lo, hi = r["iqm_final_return_ci95"]
-        return fmt(r["iqm_final_return"]), f"{fmt(lo)}-{fmt(hi)}", sum(f >= 475 for f in r["final_returns"]), r["seeds"]
+        ok = sum(f >= threshold for f in r["final_returns"])
+        return fmt(r["iqm_final_return"]), f"{fmt(lo)} to {fmt(hi)}", ok, r["seeds"]
 
     iqm, ci, ok, n = part(who)
+    text = f"final return over {n} seeds: IQM {iqm} (95% CI {ci}), {ok} of {n} seeds end at {threshold:g} or more"
+    if other not in rec["reliability"]:
+        return text
     o_iqm, _, o_ok, o_n = part(other)
-    return (f"final return over {n} seeds: IQM {iqm} (95% CI {ci}), {ok} of {n} seeds end at 475 or more "
-            f"({other_name}: IQM {o_iqm}, {o_ok} of {o_n})")
+    return f"{text} ({other_name}: IQM {o_iqm}, {o_ok} of {o_n})"
 
 
 def _pong(rec: dict[str, Any]) -> str:
@@ -732,8 +770,10 @@ HEADLINES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "fashion_small": ("vision_augment", lambda r: (
         f"best test accuracy {_v(r, 'without_augmentation/best_test_accuracy')} without augmentation, "
         f"{_v(r, 'crop_and_flip/best_test_accuracy')} with crop and flip")),
-    "dqn_cartpole": ("cartpole_10seeds_avx2", lambda r: _seeds(r, "lab", "sb3", "SB3")),
-    "sb3_dqn": ("cartpole_10seeds_avx2", lambda r: "on CartPole: " + _seeds(r, "sb3", "lab", "the lab")),
+    "dqn_cartpole": ("dqn_seeds_cartpole", lambda r: _seeds(r, "lab", "sb3", "SB3 with RL Zoo's settings")),
+    "dqn_acrobot": ("dqn_seeds_acrobot", lambda r: _seeds(r, "lab", "sb3", "SB3 with RL Zoo's settings")),
+    "dqn_lunarlander": ("dqn_seeds_lunarlander", lambda r: _seeds(r, "lab", "sb3", "SB3 with RL Zoo's settings")),
+    "sb3_dqn": ("cartpole_10seeds_avx2", lambda r: "CartPole, RL Zoo's settings: " + _seeds(r, "sb3", "", "")),
     "dqn_pong": ("dqn_pong_gpu", _pong),
     "dcgan_mnist": ("dcgan_mnist", lambda r: (
         f"{_v(r, 'throughput_ratio')}x a pytorch/examples loop's images/s; FID {_v(r, 'final_fid/lab/mean')} vs "

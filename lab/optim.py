@@ -17,18 +17,25 @@ def build_optimizer(cfg: DictConfig, params: Iterable[torch.nn.Parameter]) -> to
     return build(cfg, "optimizer", params)
 
 
+def constant_lr(cfg: DictConfig | None) -> bool:
+    """Whether `scheduler:` leaves the learning rate at optimizer.lr throughout (none, or linear to 1.0 of it)."""
+    name = str((cfg or {}).get("name", "none"))
+    return name == "none" or (name == "linear" and float(cfg.get("end_factor", 0.0)) == 1.0)
+
+
 def build_scheduler(cfg: DictConfig | None, optimizer: torch.optim.Optimizer, total_steps: int | None) -> Any:
-    """A per-step schedule: `name: none | onecycle | cosine | step` with its parameters.
+    """A per-step schedule: `name: none | onecycle | cosine | step | linear` with its parameters.
 
     onecycle: peaks at the optimizer's lr (`optimizer.lr`), `pct_start`, `div_factor`, `final_div_factor`;
     momentum (or Adam's beta1) cycles too when the optimizer has one. cosine: `eta_min`, `warmup` (share of
     the budget, linear from lr/100). step: `step_size` and `gamma` (StepLR), or `milestones` as shares of
-    the budget, e.g. [0.5, 0.75] for He et al.'s lr/10 at 50% and 75%.
+    the budget, e.g. [0.5, 0.75] for He et al.'s lr/10 at 50% and 75%. linear: from `optimizer.lr` down to
+    `end_factor` times it at the end of the budget (RL Zoo's `lin_<lr>` schedules with end_factor 0).
     """
     name = (cfg or {}).get("name", "none") if cfg is not None else "none"
-    if name in ("none", None):
+    if name in ("none", None) or constant_lr(cfg):
         return None
-    if total_steps is None and name in ("onecycle", "cosine"):
+    if total_steps is None and name in ("onecycle", "cosine", "linear"):
         raise LabError(f"scheduler.name={name} needs a step budget: set trainer.max_epochs or trainer.max_steps")
     S = torch.optim.lr_scheduler
     if name == "onecycle":
@@ -55,4 +62,9 @@ def build_scheduler(cfg: DictConfig | None, optimizer: torch.optim.Optimizer, to
             steps = [int(total_steps * f) for f in cfg.milestones]
             return S.MultiStepLR(optimizer, milestones=steps, gamma=cfg.get("gamma", 0.1))
         return S.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.get("gamma", 0.1))
-    raise LabError(f"scheduler.name={name!r} is unknown; use none, onecycle, cosine or step")
+    if name == "linear":
+        end = float(cfg.get("end_factor", 0.0))
+        if not 0 <= end <= 1:
+            raise LabError(f"scheduler.end_factor={end} must be in [0, 1] (the share of optimizer.lr left at the end)")
+        return S.LinearLR(optimizer, start_factor=1.0, end_factor=end, total_iters=max(1, total_steps))
+    raise LabError(f"scheduler.name={name!r} is unknown; use none, onecycle, cosine, step or linear")

@@ -100,13 +100,23 @@ def test_every_experiment_names_its_task_and_family_groups_have_their_own_key() 
 
 
 def test_inheriting_experiments_differ_only_where_they_say() -> None:
-    """sb3_dqn_cartpole is dqn_cartpole on SB3; vae_mnist is autoencoder_mnist with a variational model."""
+    """sb3_dqn_<env> is SB3 with RL Zoo's settings over dqn_<env>'s env, budget and evaluation; dqn_acrobot is
+    dqn_cartpole's recipe on another env; vae_mnist is autoencoder_mnist with a variational model."""
     from omegaconf import OmegaConf
 
-    dqn, sb3 = compose("dqn_cartpole"), compose("sb3_dqn_cartpole")
-    assert OmegaConf.to_container(dqn.env) == OmegaConf.to_container(sb3.env)
-    assert dqn.optimizer == sb3.optimizer and dqn.agent.total_timesteps == sb3.agent.total_timesteps
-    assert sb3.task == "agents.sb3_dqn.SB3DQN" and sb3.trainer.num_threads is None
+    for env in ("cartpole", "acrobot", "lunarlander"):
+        dqn, sb3 = compose(f"dqn_{env}"), compose(f"sb3_dqn_{env}")
+        assert OmegaConf.to_container(dqn.env) == OmegaConf.to_container(sb3.env)
+        assert [dqn.agent[k] == sb3.agent[k] for k in ("total_timesteps", "eval_every", "eval_episodes")] == [True] * 3
+        assert sb3.task == "agents.sb3_dqn.SB3DQN" and sb3.trainer.num_threads is None
+        assert sb3.agent.n_step == 1 and not sb3.agent.double and sb3.scheduler.end_factor == 1.0  # RL Zoo's
+    assert compose("sb3_dqn_cartpole").optimizer.lr == 2.3e-3 and compose("sb3_dqn_acrobot").optimizer.lr == 6.3e-4
+    cartpole = compose("dqn_cartpole")
+    for env in ("acrobot", "lunarlander"):
+        other = compose(f"dqn_{env}")
+        assert other.optimizer == cartpole.optimizer and other.scheduler == cartpole.scheduler
+        same = {k for k in cartpole.agent if k not in ("total_timesteps", "eval_every", "log_every")}
+        assert {k: other.agent[k] for k in same} == {k: cartpole.agent[k] for k in same}, env
     ae, vae = compose("autoencoder_mnist"), compose("vae_mnist")
     assert not ae.model.variational and vae.model.variational
     assert {k: v for k, v in vae.model.items() if k != "variational"} == \

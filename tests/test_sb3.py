@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from agents.envs import make_env
-from agents.sb3_dqn import SB3DQN, SB3VecEnv, check_config, check_replay_memory, make_same_step_env
+from agents.sb3_dqn import SB3DQN, SB3VecEnv, check_config, check_replay_memory, learning_rate, make_same_step_env
 from conftest import REPO, build_task, compose, lab_env, read_metrics, run_lab
 from lab.distributed import DistInfo
 from lab.errors import LabError
@@ -136,7 +136,7 @@ def sb3_cartpole_cfg(*overrides: str) -> DictConfig:
 
 @pytest.mark.parametrize("override, message", [
     ("agent.double=true", "no Double DQN"), ("agent.dueling=true", "no dueling heads"),
-    ("agent.loss=mse", "Huber loss only"), ("agent.train_frequency=6", "multiple of agent.num_envs=4"),
+    ("agent.loss=mse", "Huber loss only"), ("agent.num_envs=5", "multiple of agent.num_envs=5"),
     ("agent.save_replay=true", "does not checkpoint its replay buffer"), ("optimizer=sgd", "trains with Adam"),
     ("agent.buffer_device=cuda", "host memory"), ("agent.n_step=0", "n_step must be >= 1"),
 ])
@@ -241,3 +241,15 @@ def test_sb3_resume_continues_counters_optimizer_and_schedule(tmp_path: Path) ->
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["task"]["_extra_state"]
     assert state["num_timesteps"] == 1024 and state["n_updates"] == 64
     assert all(s["step"] == 64 for s in state["optimizer"]["state"].values())  # Adam's state was restored
+
+
+def test_a_linear_schedule_is_sb3s_learning_rate_over_its_progress(tmp_path: Path) -> None:
+    task = build_task(tmp_path, "sb3_dqn_cartpole", "optimizer.lr=0.002", "scheduler.name=linear",
+                      "scheduler.end_factor=0.5", "agent.buffer_size=2000")
+    schedule = task.model.lr_schedule  # of SB3's progress remaining: 1 at the start, 0 at total_timesteps
+    assert (schedule(1.0), schedule(0.5), schedule(0.0)) == pytest.approx((0.002, 0.0015, 0.001))
+    task.close()
+    assert learning_rate(sb3_cartpole_cfg()) == 2.3e-3  # RL Zoo's constant learning rate (end_factor 1)
+    assert learning_rate(sb3_cartpole_cfg("scheduler.name=none")) == 2.3e-3
+    with pytest.raises(LabError, match="only the linear schedule"):
+        learning_rate(sb3_cartpole_cfg("scheduler.name=cosine"))

@@ -48,10 +48,13 @@ def run_seeds(experiment: str, seeds: list[int], processes: int, extra: list[str
     run_dir = work / experiment
     args = [f"+experiment={experiment}", "logger=none", "agent.video=false", "trainer.progress=false",
             f"seeds=[{','.join(map(str, seeds))}]", f"seeds_processes={processes}", *extra]
-    done = read_json(run_dir / "seeds.json") if (run_dir / "seeds.json").exists() else {}
+    def finished(seed: int) -> bool:
+        summary = run_dir / f"seed_{seed}" / "summary.json"
+        return summary.exists() and read_json(summary).get("status") == "completed"
+
     wall = None
-    if done.get("seeds") == seeds and not done.get("failed"):  # --runs-dir: this run finished before
-        print(f"{experiment}: reading the finished run in {run_dir}", flush=True)
+    if all(finished(s) for s in seeds):  # --runs-dir: these seeds' runs finished before
+        print(f"{experiment}: reading the finished runs of seeds {seeds} in {run_dir}", flush=True)
     else:
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "lab", *args, f"hydra.run.dir={run_dir}"], cwd=REPO, check=True)
@@ -69,7 +72,8 @@ def run_seeds(experiment: str, seeds: list[int], processes: int, extra: list[str
     settings["trainer"] = {k: cfg.trainer.get(k) for k in ("grad_clip", "num_threads", "device", "precision")}
     return {"experiment": experiment, "command": " ".join(["python -m lab", *args]), "settings": settings,
             "multi_seed_wall_s": wall, "reused_run_dir": str(run_dir) if wall is None else None,
-            "seeds_json": read_json(run_dir / "seeds.json"), "runs": runs}
+            "seeds_json": read_json(run_dir / "seeds.json") if (run_dir / "seeds.json").exists() else None,
+            "runs": runs}
 
 
 def reliability(agents: dict[str, list[dict[str, Any]]], threshold: float, title: str,
@@ -131,8 +135,8 @@ def main() -> None:
     ap.add_argument("--sb3-args", nargs="*", default=[], help="extra overrides for SB3's runs")
     ap.add_argument("--name", default=None, help="the record: benchmarks/results/<name>.json (default dqn_seeds_ENV)")
     ap.add_argument("--runs-dir", type=Path, default=None,
-                    help="keep the runs in DIR/<experiment>/ (default: a temporary folder); a side whose run there "
-                         "finished with these seeds is read, not run again")
+                    help="keep the runs in DIR/<experiment>/ (default: a temporary folder); a side whose runs of "
+                         "these seeds finished there is read, not run again")
     args = ap.parse_args()
     env = ENVS[args.env]
     name = args.name or f"dqn_seeds_{args.env}"

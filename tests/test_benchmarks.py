@@ -3,6 +3,7 @@ reports compute what they say."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,24 @@ def test_a_studys_export_keeps_every_trial_and_the_best_with_its_seeds(tmp_path:
     assert out["search_command"] == "python -m lab -m +experiment=dqn_cartpole"
     with pytest.raises(SystemExit, match="does not exist"):
         export(tmp_path / "missing")
+
+
+def test_the_multi_seed_benchmark_reads_finished_runs_from_its_runs_dir(tmp_path: Path, monkeypatch) -> None:
+    """--runs-dir: a side whose seeds' runs finished there is read (no subprocess), evaluations and finals."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import dqn_seeds
+
+    from lab.io import write_json
+
+    run = tmp_path / "dqn_acrobot"
+    for seed, final in ((0, -90.0), (1, -80.0)):
+        d = run / f"seed_{seed}"
+        write_json(d / "summary.json", {"status": "completed", "perf/elapsed_s": 10.0})
+        rows = [{"env_steps": 100, "eval/episode_return": -500.0}, {"env_steps": 200, "eval/episode_return": final}]
+        (d / "metrics.jsonl").write_text("".join(f"{json.dumps(r)}\n" for r in rows))
+        (d / "config.yaml").write_text("agent: {n_step: 5}\noptimizer: {lr: 0.001}\ntrainer: {grad_clip: 10}\n")
+    monkeypatch.setattr(dqn_seeds.subprocess, "run", lambda *a, **k: pytest.fail("ran a finished side again"))
+    out = dqn_seeds.run_seeds("dqn_acrobot", [0, 1], 2, [], tmp_path)
+    assert [r["final_eval_return"] for r in out["runs"]] == [-90.0, -80.0]
+    assert out["multi_seed_wall_s"] is None and out["reused_run_dir"] == str(run)
+    assert out["settings"]["agent"] == {"n_step": 5} and out["seeds_json"] is None

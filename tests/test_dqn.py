@@ -388,3 +388,17 @@ def test_a_linear_learning_rate_schedule_spans_the_runs_updates(tmp_path: Path) 
     task.close()
     with pytest.raises(LabError, match="fixed learning rate"):
         build_task(tmp_path, "dqn_cartpole", "agent.cuda_graph=true", "scheduler.end_factor=0.5")
+
+
+def test_an_env_whose_package_is_missing_names_the_install(monkeypatch) -> None:
+    from omegaconf import OmegaConf
+
+    from agents.envs import make_env
+
+    def missing(*args, **kwargs):
+        raise gym.error.DependencyNotInstalled("Box2D is not installed")
+
+    monkeypatch.setattr(gym, "make_vec", missing)
+    with pytest.raises(LabError, match=r"env.id='LunarLander-v3' needs a package .* pip install Box2D") as e:
+        make_env(OmegaConf.create({"id": "LunarLander-v3"}), 1, seed=0)
+    assert "\n" not in str(e.value)

@@ -33,7 +33,7 @@ def build_scheduler(cfg: DictConfig | None, optimizer: torch.optim.Optimizer, to
     `end_factor` times it at the end of the budget (RL Zoo's `lin_<lr>` schedules with end_factor 0).
     """
     name = (cfg or {}).get("name", "none") if cfg is not None else "none"
-    if name in ("none", None) or constant_lr(cfg):
+    if name is None or constant_lr(cfg):  # none, or linear to 1.0 of the lr
         return None
     if total_steps is None and name in ("onecycle", "cosine", "linear"):
         raise LabError(f"scheduler.name={name} needs a step budget: set trainer.max_epochs or trainer.max_steps")

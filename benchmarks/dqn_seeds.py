@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,12 +53,15 @@ def run_seeds(experiment: str, seeds: list[int], processes: int, extra: list[str
         summary = run_dir / f"seed_{seed}" / "summary.json"
         return summary.exists() and read_json(summary).get("status") == "completed"
 
+    reused = [s for s in seeds if finished(s)]
     wall = None
-    if all(finished(s) for s in seeds):  # --runs-dir: these seeds' runs finished before
+    if len(reused) == len(seeds):  # --runs-dir: these seeds' runs finished before
         print(f"{experiment}: reading the finished runs of seeds {seeds} in {run_dir}", flush=True)
-    else:
+    else:  # a run dir from before: its completed seeds are read, the others continued (lab.seeds, resume=true)
+        again = ["resume=true"] if (run_dir / "config.yaml").exists() else []
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "lab", *args, f"hydra.run.dir={run_dir}"], cwd=REPO, check=True)
+        subprocess.run([sys.executable, "-m", "lab", *args, *again, f"hydra.run.dir={run_dir}"], cwd=REPO,
+                       check=True)
         wall = round(time.perf_counter() - t0, 1)
     runs = []
     for seed in seeds:
@@ -71,7 +75,9 @@ def run_seeds(experiment: str, seeds: list[int], processes: int, extra: list[str
     settings = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in SETTINGS if cfg.get(k) is not None}
     settings["trainer"] = {k: cfg.trainer.get(k) for k in ("grad_clip", "num_threads", "device", "precision")}
     return {"experiment": experiment, "command": " ".join(["python -m lab", *args]), "settings": settings,
-            "multi_seed_wall_s": wall, "reused_run_dir": str(run_dir) if wall is None else None,
+            "multi_seed_wall_s": wall, "reused_run_dir": str(run_dir) if reused else None,
+            "reused_seeds": reused,
+            "median_loop_s_per_seed": round(statistics.median(r["loop_elapsed_s"] for r in runs), 1),
             "seeds_json": read_json(run_dir / "seeds.json") if (run_dir / "seeds.json").exists() else None,
             "runs": runs}
 
@@ -135,8 +141,8 @@ def main() -> None:
     ap.add_argument("--sb3-args", nargs="*", default=[], help="extra overrides for SB3's runs")
     ap.add_argument("--name", default=None, help="the record: benchmarks/results/<name>.json (default dqn_seeds_ENV)")
     ap.add_argument("--runs-dir", type=Path, default=None,
-                    help="keep the runs in DIR/<experiment>/ (default: a temporary folder); a side whose runs of "
-                         "these seeds finished there is read, not run again")
+                    help="keep the runs in DIR/<experiment>/ (default: a temporary folder); seeds whose runs "
+                         "finished there are read, not run again, and the others continued (resume=true)")
     args = ap.parse_args()
     env = ENVS[args.env]
     name = args.name or f"dqn_seeds_{args.env}"

@@ -9,6 +9,10 @@ mean, rliable's `aggregate_iqm`), `mean`, or `worst` (the minimum of a metric to
 to minimise). That is the objective an Optuna trial returns (conf/hparams_search/dqn_cartpole_seeds_optuna.yaml),
 so the search favours recipes that hold on every seed. `seeds.json` in the run directory lists each seed's
 result; each seed's directory is an ordinary run (its metrics, summary, checkpoints).
+
+`resume=true` on a multi-seed run continues it seed by seed: a seed whose run completed is read, not run
+again; one with a checkpoint resumes from it; one killed before its first checkpoint starts again (its
+partial directory moved aside to seed_<k>.<timestamp>, as `overwrite=true` does).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from lab import io
 from lab.errors import LabError
 
 AGGREGATES = ("iqm", "mean", "worst")
-SEED_KEYS = ("seed", "seeds", "seeds_aggregate", "seeds_processes")
+SEED_KEYS = ("seed", "seeds", "seeds_aggregate", "seeds_processes", "resume", "overwrite")
 
 
 def iqm(values: list[float] | np.ndarray) -> float:
@@ -86,12 +90,23 @@ def run(cfg: Any, run_dir: Path, overrides: list[str], main_metric: str, main_mo
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // procs))}
     print(f"[lab] seeds {seeds}: {procs} at a time, each in {run_dir}/seed_<k>", flush=True)
 
+    resume = bool(cfg.get("resume"))
+
     def one(seed: int) -> float | None:
-        with open(run_dir / f"seed_{seed}.log", "w") as log:
-            cmd = [sys.executable, "-m", "lab", *keep, f"seed={seed}", "seeds=null",
-                   f"hydra.run.dir={run_dir / f'seed_{seed}'}"]
-            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-        value = io.read_json(run_dir / f"seed_{seed}" / "summary.json").get(main_metric)
+        seed_dir = run_dir / f"seed_{seed}"
+        summary = io.read_json(seed_dir / "summary.json")
+        if resume and summary.get("status") == "completed":
+            code = 0
+            print(f"[lab] seed {seed}: completed before, read from {seed_dir}", flush=True)
+        else:
+            again = (["resume=true"] if (seed_dir / "checkpoints" / "last.pt").exists()
+                     else ["overwrite=true"]) if resume else []
+            with open(run_dir / f"seed_{seed}.log", "a" if resume else "w") as log:
+                cmd = [sys.executable, "-m", "lab", *keep, f"seed={seed}", "seeds=null", *again,
+                       f"hydra.run.dir={seed_dir}"]
+                code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+            summary = io.read_json(seed_dir / "summary.json")
+        value = summary.get(main_metric)
         ok = code == 0 and isinstance(value, (int, float)) and math.isfinite(value)
         print(f"[lab] seed {seed}: final {main_metric}={value if ok else 'failed'}", flush=True)
         return float(value) if ok else None

@@ -71,3 +71,28 @@ def test_an_optuna_trial_of_several_seeds_returns_their_aggregate_and_the_report
     point, lo, hi = seeds.interval(finals)
     assert f"Across 2 seeds: IQM of the final eval/episode_return = <b>{point:.4g}</b>" in page
     assert f"(95% CI {lo:.4g} to {hi:.4g})" in page
+
+
+def test_resume_continues_a_multi_seed_run_seed_by_seed(tmp_path: Path) -> None:
+    """resume=true reads a completed seed and restarts one killed before its first checkpoint, its partial
+    directory moved aside (not deleted); a seed with a checkpoint would resume from it."""
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "lab", "+experiment=xor_mlp", "logger=none", "trainer.progress=false",
+            "seeds=[0,1]", "seeds_processes=2", f"hydra.run.dir={run}"]
+    env = lab_env(tmp_path, OMP_NUM_THREADS="1")
+    p = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    before = json.loads((run / "seeds.json").read_text())["final"]
+    metrics0 = (run / "seed_0" / "metrics.jsonl").stat().st_mtime_ns
+    (run / "seed_1" / "summary.json").unlink()
+    for ckpt in (run / "seed_1" / "checkpoints").glob("*.pt"):  # as if killed before its first checkpoint
+        ckpt.unlink()
+    p = subprocess.run([*args, "resume=true"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "seed 0: completed before" in p.stdout and "seed 1: completed before" not in p.stdout
+    assert (run / "seed_0" / "metrics.jsonl").stat().st_mtime_ns == metrics0  # not run again
+    aside = [d for d in run.glob("seed_1.*") if d.is_dir()]
+    assert len(aside) == 1 and (aside[0] / "metrics.jsonl").exists()  # the partial run, kept
+    assert json.loads((run / "seed_1" / "summary.json").read_text())["status"] == "completed"
+    after = json.loads((run / "seeds.json").read_text())["final"]
+    assert after["0"] == before["0"] and after["1"] == pytest.approx(before["1"])  # seeded: the same result

@@ -135,6 +135,15 @@ SCRIPTS: dict[str, str] = {
         "fp32 final losses mean identical iterates: the lab's one L-BFGS iteration per trainer step is the "
         "tutorial's algorithm. L-BFGS without a line search at step scale 1 can diverge; `optimizer.lr` lower, "
         "or `optimizer=adam optimizer.lr=0.02`, are the knobs (not measured)."),
+    "detect_digits": (
+        "Object detection on digit scenes (`detect_digits`: Faster R-CNN, ResNet-18 + FPN, 2,000 train scenes of "
+        "1-4 MNIST digits on 128x128, 200 test scenes from the test digits) scored by COCO's evaluation "
+        "(pycocotools through torchmetrics): mAP@[.5:.95], AP50, AP75 and recall at every evaluation, the seconds "
+        "of training until mAP first reaches 0.75 and AP50 0.95 (evaluations included, scene making excluded), "
+        "per-class AP and training images/s. Beside it, unless `--only lab`, a plain loop in the style of "
+        "torchvision's detection reference: the same train scenes as PNG + VOC files read per item by a "
+        "`DataLoader` (`--workers`), the same detector, optimizer, schedule, clipping and steps, no lab trainer; "
+        "its images/s and the same COCO metrics on the same test scenes."),
     "vision_fashion": (
         "A Fashion-MNIST preset of the lab (`fashion_cnn`: the book's deep CNN; `fashion_resnet`: the CIFAR "
         "ResNet-20) against a plain PyTorch loop written the way tutorials write it (torchvision's "
@@ -240,7 +249,10 @@ SPECS: dict[str, list[Any]] = {
             "reliability/sb3/seeds_at_threshold"),
         Row("lab: final return, per seed", "reliability/lab/final_returns"),
         Row("SB3: final return, per seed", "reliability/sb3/final_returns"),
-        Row("wall seconds of all seeds, lab / SB3", "lab/multi_seed_wall_s", "sb3/multi_seed_wall_s"),
+        Row("training seconds per seed (median), lab / SB3", "lab/median_loop_s_per_seed",
+            "sb3/median_loop_s_per_seed"),
+        Row("wall seconds of the seeds run in this record, lab / SB3", "lab/multi_seed_wall_s",
+            "sb3/multi_seed_wall_s"),
         Row("lab: command", "lab/command"),
         Row("SB3: command", "sb3/command"),
     ],
@@ -345,6 +357,19 @@ SPECS: dict[str, list[Any]] = {
               ("final loss (fp32, saved image)", "final_loss_fp32")]),
         Row("speed-up against the tutorial: lab bf16 / lab fp32", "speedup_lab_bf16_vs_tutorial",
             "speedup_lab_fp32_vs_tutorial"),
+    ],
+    "detect_digits": [
+        Row("targets: mAP@[.5:.95], AP50", "targets/map", "targets/map_50"),
+        Row("lab: final mAP, AP50, AP75", "lab/final/map", "lab/final/map_50", "lab/final/map_75"),
+        Row("lab: seconds to mAP 0.75, to AP50 0.95", "lab/seconds_to_map_0.75", "lab/seconds_to_map_50_0.95"),
+        Row("lab: steps, batch, training images/s", "steps", "batch_size", "lab/train_images_per_s_median"),
+        Row("lab: mAP per evaluation", "lab/evaluations/*/map"),
+        Row("lab: per-class AP (last evaluation)", "lab/per_class_ap_last"),
+        Row("plain loop: final mAP, AP50", "plain_loop/final/map", "plain_loop/final/map_50"),
+        Row("plain loop: training images/s, DataLoader workers", "plain_loop/train_images_per_s",
+            "plain_loop/workers"),
+        Row("images/s, lab over plain loop", "images_per_s_ratio_lab_over_plain"),
+        Row("mAP, lab minus plain loop", "map_lab_minus_plain"),
     ],
     "vision_fashion": [
         Row("experiment", "experiment"),
@@ -773,7 +798,10 @@ HEADLINES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "dqn_cartpole": ("dqn_seeds_cartpole", lambda r: _seeds(r, "lab", "sb3", "SB3 with RL Zoo's settings")),
     "dqn_acrobot": ("dqn_seeds_acrobot", lambda r: _seeds(r, "lab", "sb3", "SB3 with RL Zoo's settings")),
     "dqn_lunarlander": ("dqn_seeds_lunarlander", lambda r: _seeds(r, "lab", "sb3", "SB3 with RL Zoo's settings")),
-    "sb3_dqn": ("cartpole_10seeds_avx2", lambda r: "CartPole, RL Zoo's settings: " + _seeds(r, "sb3", "", "")),
+    "sb3_dqn": ("dqn_seeds_cartpole", lambda r: "CartPole, RL Zoo's settings: " + _seeds(r, "sb3", "", "")),
+    "detect_digits": ("detect_digits", lambda r: (
+        f"test mAP@[.5:.95] {_v(r, 'lab/final/map')}, AP50 {_v(r, 'lab/final/map_50')}; mAP 0.75 after "
+        f"{_v(r, 'lab/seconds_to_map_0.75')} s on a {_v(r, 'machine/cores')}-core CPU")),
     "dqn_pong": ("dqn_pong_gpu", _pong),
     "dcgan_mnist": ("dcgan_mnist", lambda r: (
         f"{_v(r, 'throughput_ratio')}x a pytorch/examples loop's images/s; FID {_v(r, 'final_fid/lab/mean')} vs "

@@ -50,7 +50,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
 
 def load_weights(path: str | Path, option: str = "model.weights") -> dict[str, torch.Tensor]:
     """A torchvision-format state dict (name -> tensor) from a file, read without executing code from it
-    (`{"state_dict": ...}` wrappers unwrapped); problems raise one-line `LabError`s naming `option`."""
+    (`{"state_dict": ...}` wrappers unwrapped; a lab checkpoint gives its task's network, e.g. a classifier's
+    `model`); problems raise one-line `LabError`s naming `option`."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise LabError(f"{option}={path} does not exist (not a file); pass a torchvision-format state dict (.pth)")
@@ -60,6 +61,11 @@ def load_weights(path: str | Path, option: str = "model.weights") -> dict[str, t
         raise LabError(f"{path} is not a loadable state dict ({' '.join(str(e).split())[:160]})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
+    if isinstance(state, dict) and isinstance(state.get("task"), dict):  # a lab run's best.pt or last.pt
+        state = state["task"]
+        prefixes = {k.split(".")[0] for k in state}
+        if len(prefixes) == 1:  # one network (a classifier's `model.`): its own names
+            state = {k.split(".", 1)[1]: v for k, v in state.items()}
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise LabError(f"{path} is not a state dict (name -> tensor); save one with torch.save(m.state_dict())")
     return state

@@ -94,7 +94,7 @@ def task_class(name: str) -> type[Task]:
     return task_cls
 
 
-MODES = ("train", "eval", "generate")
+MODES = ("train", "eval", "generate", "predict")
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -103,8 +103,8 @@ def run(cfg: DictConfig) -> float | None:
         raise LabError(_usage("No experiment chosen."))
     mode = str(cfg.get("mode", "train"))
     if mode not in MODES:
-        raise LabError(f"mode={mode!r} is not a mode; use mode=train, mode=eval checkpoint=PATH "
-                       "or mode=generate checkpoint=PATH n=N")
+        raise LabError(f"mode={mode!r} is not a mode; use mode=train, mode=eval checkpoint=PATH, "
+                       "mode=generate checkpoint=PATH n=N or mode=predict checkpoint=PATH input=DIR")
     if mode != "train" and not cfg.get("checkpoint"):
         raise LabError(f"mode={mode} needs checkpoint=PATH (a run's checkpoints/best.pt or last.pt)")
     t = cfg.trainer
@@ -140,6 +140,8 @@ def run(cfg: DictConfig) -> float | None:
             summary = trainer.evaluate_checkpoint(task, Path(str(cfg.checkpoint)))
         elif mode == "generate":
             summary = trainer.generate_checkpoint(task, Path(str(cfg.checkpoint)), cfg.get("n", 64))
+        elif mode == "predict":
+            summary = trainer.predict_checkpoint(task, Path(str(cfg.checkpoint)), cfg.get("input"))
         else:
             summary = trainer.fit(task, resume=bool(cfg.resume))
     finally:
@@ -259,6 +261,10 @@ def main(argv: list[str] | None = None) -> None:
         from lab import report
 
         sys.exit(report.main(argv[1:]))
+    if argv[:1] == ["scenes"]:  # python -m lab scenes OUT ...: digit scenes in VOC and COCO format
+        from vision import scenes
+
+        sys.exit(scenes.main(argv[1:]))
     for arg in argv:
         m = re.fullmatch(r"\+{0,2}experiment=(.*)", arg)
         if m:

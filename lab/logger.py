@@ -214,6 +214,27 @@ class RunLogger:
         self._media(key, "Image", path, step, caption=caption)
         return path
 
+    def log_overlay(self, key: str, drawn: Any, overlays: list[dict[str, Any]], step: int | None = None) -> Path | None:
+        """Save `drawn` (images with their boxes or masks painted in) as the PNG, and give W&B each raw image
+        with its native overlays: `overlays` = [{"image": ..., "boxes": ..., "masks": ..., "caption": ...}]
+        (`wandb.Image`'s arguments), so classes and scores can be toggled there."""
+        if not self.enabled:
+            return None
+        step = self.step if step is None else step
+        path = self.media_dir / f"{_file_stem(key, step)}.png"
+        media.save_png(path, drawn)
+        if self.wandb is not None:
+            import wandb
+
+            try:
+                objs = [wandb.Image(media.to_uint8_hwc(o["image"]), boxes=o.get("boxes"), masks=o.get("masks"),
+                                    caption=o.get("caption")) for o in overlays]
+            except Exception as e:  # noqa: BLE001 - a malformed overlay must not end the run
+                _notice(f"W&B overlays for {key} skipped ({e}); the file is {path}.")
+                return path
+            self._wandb_log({"step": step, key: objs})
+        return path
+
     def log_grid(self, key: str, images: torch.Tensor, nrow: int = 8, caption: str | None = None,
                  step: int | None = None) -> Path | None:
         """Save a batch of images (N, C, H, W; float in [0,1] or uint8) as one tiled PNG."""

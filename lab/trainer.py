@@ -474,6 +474,21 @@ class Trainer:
         print("[lab] " + ", ".join(f"{k}={v}" for k, v in out.items()), flush=True)
         return self.logger.summary({"checkpoint": str(path), "status": "generated", **out})
 
+    def predict_checkpoint(self, task: Task, path: Path, folder: Any) -> dict[str, Any]:
+        """`mode=predict`: load a checkpoint's task state and call `task.predict(folder)` (its outputs, as files)."""
+        if not callable(getattr(task, "predict", None)):
+            raise LabError(f"{type(task).__name__} has no predict(folder) method: mode=predict is for tasks that "
+                           "label new inputs (detection)")
+        if not folder:
+            raise LabError("mode=predict needs input=DIR, a folder of inputs")
+        state = self._load_task(task, path)
+        self.logger.start()
+        self.logger.step = int(state.get("step", 0))
+        with torch.no_grad(), self.autocast():
+            task.eval()
+            out = task.predict(Path(str(folder)))
+        return self.logger.summary({"checkpoint": str(path), "status": "predicted", **out})
+
     def evaluate_checkpoint(self, task: Task, path: Path) -> dict[str, Any]:
         """`mode=eval`: load a checkpoint's task state and evaluate it once (an agent plays and records)."""
         state = self._load_task(task, path)

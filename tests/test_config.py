@@ -57,6 +57,13 @@ def _small(name: str, tmp_path: Path) -> list[str]:
     if name == "dcgan_folder":
         _folder(tmp_path / "pets")
         return [*small, f"data.path={tmp_path / 'pets'}", "data.test_fraction=0.25"]
+    if name == "detect_folder":  # a VOC folder in its real layout, written by `python -m lab scenes`
+        from vision import scenes
+
+        assert scenes.main([str(tmp_path / "voc"), "--n", "20", "--size", "64", "--root", str(DATA)]) == 0
+        return [f"data.path={tmp_path / 'voc'}", "data.test_fraction=0.25", "data.batch_size=4"]
+    if name == "detect_digits":
+        return ["data.n_train=32", "data.n_test=8", "data.batch_size=4"]
     return small
 
 

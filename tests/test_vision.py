@@ -22,8 +22,9 @@ from vision import transfer
 from vision.resnet import resnet18
 from vision.vgg import VGG
 
-MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml")  # the classifiers (vision/)
-                if "_target_: vision." in p.read_text())
+MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml")  # the classifiers (vision/; the
+                if "_target_: vision." in p.read_text() and "vision.detectors." not in p.read_text())  # detectors:
+                                                                                         # tests/test_detection.py
 OPTIMIZERS = sorted(p.stem for p in (REPO / "conf" / "optimizer").glob("*.yaml")  # torch's (lbfgs: the lab's
                     if "_target_: torch.optim." in p.read_text())                   # one-step L-BFGS for images)
 TINY = ["logger=none", "trainer.progress=false", "trainer.num_threads=1", "data.subset=64", "data.test_subset=64",

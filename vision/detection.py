@@ -1,0 +1,332 @@
+"""Object detection: a torchvision detector (vision/detectors.py) on boxes from vision/detection_data.py.
+
+Config: `model` (conf/model/faster_rcnn.yaml | fcos.yaml | retinanet.yaml), `optimizer`, `scheduler`,
+`data` (conf/data/digit_scenes | trees | voc_folder | coco: the set, `batch_size`, `eval_batch_size` and
+`augment`, box-aware torchvision.transforms.v2 below) and `detection` (what the media show).
+
+Evaluation is COCO's (torchmetrics' MeanAveragePrecision over pycocotools' COCOeval): mAP@[.5:.95]
+(`eval/map`, the main metric), AP50, AP75, AP by object size and recall at 1/10/100 detections, per-class
+AP; a detection counts at IoU >= 0.5 for AP50. Each evaluation also writes `media/`: test images with the
+ground truth (green) beside the predictions (class and score, at `detection.score_threshold` or above; in
+W&B the raw images with native box overlays, both sets, every score), the precision-recall curve of each
+class at IoU 0.5 (PNG) and a table of per-class AP (CSV, a W&B Table).
+
+    python -m lab +experiment=detect_digits mode=eval checkpoint=RUN/checkpoints/best.pt
+    python -m lab +experiment=detect_digits mode=predict checkpoint=RUN/checkpoints/best.pt input=DIR
+        # every image of DIR with its boxes -> <run dir>/predictions/, and one COCO results JSON
+
+`augment` keys (each off when 0, null or false): `hflip` and `vflip` (probabilities), `zoom_out` (the
+largest canvas side as a multiple of the image, e.g. 2.0, applied with probability 0.5), `iou_crop` (SSD's
+random crop that keeps objects), `photometric` (probability of torchvision's photometric distortion, RGB
+only). Boxes move with the pixels (`tv_tensors.BoundingBoxes`); boxes cropped to nothing are dropped
+(`SanitizeBoundingBoxes`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io as stdio
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from lab import io
+from lab.config import build
+from lab.errors import LabError
+from lab.optim import build_optimizer, build_scheduler
+from lab.plots import plt
+from lab.task import RunContext, Task
+from vision import detection_data
+
+AUGMENT_KEYS = ("hflip", "vflip", "zoom_out", "iou_crop", "photometric")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def augmentation(spec: Any, channels: int) -> Callable | None:
+    """torchvision.transforms.v2 that move boxes with the pixels, from `data.augment`; None when all are off."""
+    from torchvision.transforms import v2
+
+    spec = dict(spec or {})
+    unknown = sorted(set(spec) - set(AUGMENT_KEYS))
+    if unknown:
+        raise LabError(f"data.augment has unknown keys {unknown}; detection takes {', '.join(AUGMENT_KEYS)}")
+    steps: list[Any] = []
+    if spec.get("photometric"):
+        if channels != 3:
+            raise LabError("data.augment.photometric needs RGB images (data.channels=3)")
+        steps.append(v2.RandomPhotometricDistort(p=float(spec["photometric"])))
+    if spec.get("zoom_out"):
+        steps.append(v2.RandomZoomOut(fill=0, side_range=(1.0, float(spec["zoom_out"])), p=0.5))
+    if spec.get("iou_crop"):
+        steps.append(v2.RandomIoUCrop())
+    if spec.get("hflip"):
+        steps.append(v2.RandomHorizontalFlip(float(spec["hflip"])))
+    if spec.get("vflip"):
+        steps.append(v2.RandomVerticalFlip(float(spec["vflip"])))
+    if not steps:
+        return None
+    return v2.Compose([*steps, v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1.0)])
+
+
+class DetectionLoader:
+    """Batches `(images, targets)` of a `Detections` set: images a list of float [0, 1] tensors on the device
+    (sizes may differ: the detector resizes and pads them), targets a list of {"boxes", "labels"}. Shuffled by
+    a permutation of `(seed, epoch)`, so a resumed run sees the same batches; each rank takes its own share."""
+
+    def __init__(self, det: detection_data.Detections, batch_size: int, device: torch.device, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, transform: Callable | None = None):
+        self.det, self.batch_size, self.device, self.seed = det, batch_size, device, seed
+        self.rank, self.world_size, self.transform, self.epoch = rank, world_size, transform, 0
+        self.per_rank = len(det.images) // world_size
+        if batch_size < 1 or self.per_rank < batch_size:
+            raise LabError(f"{len(det.images)} training images over {world_size} rank(s) make no batch of "
+                           f"{batch_size}; lower data.batch_size or use more data")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.per_rank // self.batch_size
+
+    def sample(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        image, target = self.det.images[i], self.det.targets[i]
+        if self.transform is not None:
+            from torchvision import tv_tensors
+
+            boxes = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=tuple(image.shape[-2:]))
+            image, target = self.transform(tv_tensors.Image(image), {"boxes": boxes, "labels": target["labels"]})
+            image, target = image.as_subclass(torch.Tensor), {"boxes": target["boxes"].as_subclass(torch.Tensor),
+                                                              "labels": target["labels"]}
+        return (image.to(self.device).float() / 255,
+                {"boxes": target["boxes"].to(self.device), "labels": target["labels"].to(self.device)})
+
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(len(self.det.images), generator=g)[self.rank: self.per_rank * self.world_size:
+                                                                  self.world_size].tolist()
+        for b in range(len(self)):
+            images, targets = zip(*(self.sample(i) for i in order[b * self.batch_size: (b + 1) * self.batch_size]))
+            yield list(images), list(targets)
+
+
+class Detection(Task):
+    main_metric = "eval/map"
+    main_mode = "max"
+    progress_keys = ("loss",)
+
+    def __init__(self, cfg: DictConfig, ctx: RunContext):
+        super().__init__(cfg, ctx)
+        d = cfg.data
+        self.train_set = detection_data.from_config(d, "train")
+        self.test_set = detection_data.from_config(d, "test")
+        self.classes = tuple(self.train_set.classes)
+        if tuple(self.test_set.classes) != self.classes:
+            raise LabError(f"the test split's classes {list(self.test_set.classes)} differ from the training "
+                           f"split's {list(self.classes)}; give the reader the class list (data.classes)")
+        channels = int(self.train_set.images[0].shape[0])
+        self.model = build(cfg.model, "model", num_classes=len(self.classes), in_channels=channels,
+                           _recursive_=False)  # model.backbone is built by the detector
+        self.loader = DetectionLoader(self.train_set, int(d.batch_size), ctx.device, seed=ctx.seed,
+                                      rank=ctx.dist.rank, world_size=ctx.dist.world_size,
+                                      transform=augmentation(d.get("augment"), channels))
+        self.eval_batch_size = int(d.eval_batch_size)
+        self.show = cfg.detection
+        skipped = [*self.train_set.skipped, *self.test_set.skipped]
+        self.info = {"model/params": sum(p.numel() for p in self.model.parameters()),
+                     "model/trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+                     "data/train_images": len(self.train_set.images), "data/test_images": len(self.test_set.images),
+                     "data/train_boxes": sum(len(t["labels"]) for t in self.train_set.targets),
+                     "data/test_boxes": sum(len(t["labels"]) for t in self.test_set.targets),
+                     "data/skipped_annotations": len(skipped)}
+        if ctx.dist.is_main:
+            ctx.run_dir.mkdir(parents=True, exist_ok=True)
+            io.write_text(ctx.run_dir / "model.txt", f"{self.model}\n\nparameters: {self.info['model/params']:,} "
+                          f"(trainable: {self.info['model/trainable_params']:,})\n")
+            if skipped:
+                io.write_text(ctx.run_dir / "skipped_annotations.txt", "\n".join(skipped) + "\n")
+                print(f"[lab] data.skip_bad: skipped {len(skipped)} bad annotation(s), listed in "
+                      f"{ctx.run_dir / 'skipped_annotations.txt'}", flush=True)
+
+    def optimizers(self, total_steps: int | None) -> dict:
+        opt = build_optimizer(self.cfg.optimizer, [p for p in self.model.parameters() if p.requires_grad])
+        return {"model": (opt, build_scheduler(self.cfg.get("scheduler"), opt, total_steps))}
+
+    def train_data(self) -> DetectionLoader:
+        return self.loader
+
+    def samples_in(self, batch: Any) -> int:
+        return len(batch[0])
+
+    def training_step(self, batch: tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]], optim) -> dict:
+        images, targets = batch
+        losses = self.model(images, targets)
+        loss = sum(losses.values())
+        optim.step("model", loss)
+        return {"loss": loss, **losses}
+
+    # ---- evaluation ------------------------------------------------------------------------------
+    def detect(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Detections (boxes xyxy, scores, 0-based labels) on CPU for uint8 images, `eval_batch_size` at a time."""
+        out = []
+        for i in range(0, len(images), self.eval_batch_size):
+            batch = [x.to(self.ctx.device).float() / 255 for x in images[i: i + self.eval_batch_size]]
+            out += [{k: v.float().cpu() if k != "labels" else v.cpu() for k, v in d.items()}
+                    for d in self.model(batch)]
+        return out
+
+    def evaluate(self) -> dict:
+        if "model/params" not in self.ctx.logger.last:  # once per run, a resumed one included
+            self.ctx.logger.log(self.info)
+        preds = self.detect(self.test_set.images)
+        out, per_class, curves = coco_metrics(preds, self.test_set.targets, self.classes)
+        self.ctx.logger.log_table("eval/per_class_ap", ["class", "AP", "AP50", "recall@100", "test boxes"],
+                                  [[c, *v.values()] for c, v in per_class.items()])
+        self._pr_curves(curves)
+        self._show(preds[: int(self.show.media_images)])
+        return out
+
+    def _pr_curves(self, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        fig, ax = plt.subplots(figsize=(5.2, 4))
+        for name, (recall, precision) in curves.items():
+            ax.plot(recall, precision, lw=1.2, label=name)
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_title("precision-recall per class at IoU 0.5 (test)", fontsize=9)
+        ax.grid(alpha=0.3)
+        if 0 < len(curves) <= 20:
+            ax.legend(fontsize=7, ncol=2 if len(curves) > 6 else 1)
+        self.ctx.logger.log_image("eval/precision_recall", fig)
+
+    def _show(self, preds: list[dict[str, torch.Tensor]]) -> None:
+        """Ground truth beside predictions for the first test images (PNG), and W&B box overlays."""
+        if not preds:
+            return
+        from torchvision.utils import make_grid
+
+        thr = float(self.show.score_threshold)
+        pairs, overlays = [], []
+        for i, p in enumerate(preds):
+            image, target = self.test_set.images[i], self.test_set.targets[i]
+            keep = p["scores"] >= thr
+            pairs += [draw(image, target["boxes"], [self.classes[k] for k in target["labels"]], "lime"),
+                      draw(image, p["boxes"][keep], [f"{self.classes[k]} {s:.2f}" for k, s in
+                                                     zip(p["labels"][keep].tolist(), p["scores"][keep].tolist())],
+                           "red")]
+            overlays.append({"image": image, "caption": self.test_set.names[i],
+                             "boxes": {"predictions": wandb_boxes(p["boxes"], p["labels"], self.classes, p["scores"]),
+                                       "ground_truth": wandb_boxes(target["boxes"], target["labels"], self.classes)}})
+        size = max(max(x.shape[-2:]) for x in pairs)
+        pairs = [torch.nn.functional.pad(x, (0, size - x.shape[-1], 0, size - x.shape[-2]), value=255) for x in pairs]
+        self.ctx.logger.log_overlay("eval/detections", make_grid(pairs, nrow=4, padding=4, pad_value=255), overlays)
+
+    # ---- mode=predict --------------------------------------------------------------------------
+    def predict(self, folder: Path) -> dict[str, Any]:
+        """Detect on every image in `folder`: <run dir>/predictions/<name>.png with the boxes at
+        `detection.score_threshold` or above, and predictions/results.json, COCO's results format (one
+        {image_id, category_id, bbox [x, y, w, h], score} per detection, every score; `file_name` added;
+        category ids are the 1-based class indices, as the lab's COCO files number them)."""
+        folder = Path(folder).expanduser()
+        if not folder.is_dir():
+            raise LabError(f"input={folder} is not a folder; pass input=DIR, a folder of images")
+        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise LabError(f"input={folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        channels = int(self.train_set.images[0].shape[0])
+        out_dir = self.ctx.run_dir / "predictions"
+        thr, results = float(self.show.score_threshold), []
+        for image_id, f in enumerate(files, start=1):
+            image = read_image(f, channels)
+            p = self.detect([image])[0]
+            keep = p["scores"] >= thr
+            labels = [f"{self.classes[k]} {s:.2f}" for k, s in zip(p["labels"][keep].tolist(),
+                                                                 p["scores"][keep].tolist())]
+            from lab import media
+
+            media.save_png(out_dir / f"{f.stem}.png", draw(image, p["boxes"][keep], labels, "red"))
+            for box, label, score in zip(p["boxes"].tolist(), p["labels"].tolist(), p["scores"].tolist()):
+                results.append({"image_id": image_id, "file_name": f.name, "category_id": int(label) + 1,
+                                "bbox": [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2),
+                                         round(box[3] - box[1], 2)], "score": round(float(score), 4)})
+        io.write_text(out_dir / "results.json", json.dumps(results))
+        print(f"[lab] {len(files)} images, {len(results)} detections ({sum(r['score'] >= thr for r in results)} at "
+              f"score >= {thr}): {out_dir}", flush=True)
+        return {"images": len(files), "detections": len(results), "predictions": str(out_dir)}
+
+
+def coco_metrics(preds: list[dict[str, torch.Tensor]], targets: list[dict[str, torch.Tensor]],
+                 classes: tuple[str, ...]) -> tuple[dict[str, float], dict[str, dict[str, float]], dict[str, Any]]:
+    """COCO's box evaluation (torchmetrics' MeanAveragePrecision on pycocotools): the summary (map, map_50,
+    map_75, map_small/medium/large, mar_1/10/100; a size with no test boxes left out), per class {AP (at
+    [.5:.95]), AP50, recall@100, test boxes} and per class its precision-recall curve at IoU 0.5 (COCO's 101
+    recall points, all sizes, 100 detections)."""
+    from torchmetrics.detection import MeanAveragePrecision
+
+    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True, extended_summary=True,
+                                  backend="pycocotools")
+    metric.update([{k: p[k] for k in ("boxes", "scores", "labels")} for p in preds],
+                  [{"boxes": t["boxes"].float(), "labels": t["labels"]} for t in targets])
+    with contextlib.redirect_stdout(stdio.StringIO()):  # pycocotools prints its table on every evaluation
+        r = metric.compute()
+    out = {k: float(r[k]) for k in ("map", "map_50", "map_75", "map_small", "map_medium", "map_large",
+                                    "mar_1", "mar_10", "mar_100") if float(r[k]) >= 0}  # -1: no such boxes
+    labels = torch.cat([t["labels"] for t in targets]) if targets else torch.zeros(0, dtype=torch.int64)
+    counts = np.bincount(labels.numpy(), minlength=len(classes))
+    recall = np.linspace(0, 1, r["precision"].shape[1])
+    per_class, curves = {}, {}
+    for j, k in enumerate(r["classes"].flatten().tolist()):
+        p50 = r["precision"][0, :, j, 0, -1].numpy()  # IoU 0.5, every recall point, all areas, 100 detections
+        seen = p50 > -1
+        per_class[classes[k]] = {"ap": round(float(r["map_per_class"].flatten()[j]), 4),
+                                 "ap50": round(float(p50[seen].mean()), 4) if seen.any() else -1.0,
+                                 "recall_100": round(float(r["mar_100_per_class"].flatten()[j]), 4),
+                                 "test_boxes": int(counts[k])}
+        if seen.any():
+            curves[classes[k]] = (recall[seen], p50[seen])
+    return out, per_class, curves
+
+
+def read_image(path: Path, channels: int) -> torch.Tensor:
+    """An image file as a (C, H, W) uint8 tensor, RGB or grey; an unreadable file is one line."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            a = np.asarray(im.convert("RGB" if channels == 3 else "L"))
+    except (OSError, UnidentifiedImageError) as e:
+        raise LabError(f"{path}: not a readable image ({e}); remove it from the folder or replace it") from None
+    return torch.from_numpy(a.copy()).permute(2, 0, 1) if a.ndim == 3 else torch.from_numpy(a.copy())[None]
+
+
+def draw(image: torch.Tensor, boxes: torch.Tensor, labels: list[str], colour: str, min_side: int = 256) -> torch.Tensor:
+    """An RGB uint8 copy of `image` with `boxes` (xyxy) and their labels drawn in; a small image is first
+    enlarged (nearest, by a whole factor) to about `min_side` so the labels stay legible."""
+    from torchvision.utils import draw_bounding_boxes
+
+    rgb = image.expand(3, -1, -1) if image.shape[0] == 1 else image
+    k = max(1, min_side // max(rgb.shape[-2:]))
+    if k > 1:
+        rgb, boxes = rgb.repeat_interleave(k, 1).repeat_interleave(k, 2), boxes * k
+    if not len(boxes):
+        return rgb.clone()
+    return draw_bounding_boxes(rgb, boxes.float(), labels=labels, colors=colour, width=max(1, k // 2 + 1))
+
+
+def wandb_boxes(boxes: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...],
+                scores: torch.Tensor | None = None) -> dict[str, Any]:
+    """`wandb.Image(boxes=...)` data for one set of boxes: pixel positions, class ids and (predictions) scores."""
+    data = []
+    for i, (b, k) in enumerate(zip(boxes.tolist(), labels.tolist())):
+        item = {"position": {"minX": b[0], "minY": b[1], "maxX": b[2], "maxY": b[3]}, "domain": "pixel",
+                "class_id": int(k), "box_caption": classes[k]}
+        if scores is not None:
+            item["scores"] = {"score": float(scores[i])}
+            item["box_caption"] = f"{classes[k]} {float(scores[i]):.2f}"
+        data.append(item)
+    return {"box_data": data, "class_labels": dict(enumerate(classes))}

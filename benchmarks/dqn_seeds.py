@@ -143,6 +143,7 @@ def main() -> None:
     ap.add_argument("--runs-dir", type=Path, default=None,
                     help="keep the runs in DIR/<experiment>/ (default: a temporary folder); seeds whose runs "
                          "finished there are read, not run again, and the others continued (resume=true)")
+    ap.add_argument("--note", action="append", default=[], help="a line for the record's notes (how it was run)")
     args = ap.parse_args()
     env = ENVS[args.env]
     name = args.name or f"dqn_seeds_{args.env}"
@@ -158,7 +159,7 @@ def main() -> None:
                 "reliability": reliability(runs, env["threshold"], env["id"], png),
                 "benchmark_seconds": round(time.perf_counter() - t0, 1),
                 "notes": ["final return: the mean of 10 greedy games at the end of the budget (not the best "
-                          "evaluation); the lab steps its recipe's envs, SB3 RL Zoo's 1 env"]}
+                          "evaluation); the lab steps its recipe's envs, SB3 RL Zoo's 1 env", *args.note]}
 
     with tempfile.TemporaryDirectory(prefix="lab-dqn-seeds-") as tmp:
         work = args.runs_dir or Path(tmp)

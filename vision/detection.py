@@ -127,7 +127,7 @@ class Detection(Task):
         self.classes = tuple(self.train_set.classes)
         if tuple(self.test_set.classes) != self.classes:
             raise LabError(f"the test split's classes {list(self.test_set.classes)} differ from the training "
-                           f"split's {list(self.classes)}; give both splits the same classes (a VOC folder: data.classes)")
+                           f"split's {list(self.classes)}; give both splits the same classes (VOC: data.classes)")
         channels = int(self.train_set.images[0].shape[0])
         self.model = build(cfg.model, "model", num_classes=len(self.classes), in_channels=channels,
                            _recursive_=False)  # model.backbone is built by the detector

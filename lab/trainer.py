@@ -465,12 +465,7 @@ class Trainer:
                            "draw new samples (the generative ones)")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise LabError(f"n={n!r} must be a positive number of samples")
-        state = self._load_task(task, path)
-        self.logger.start()
-        self.logger.step = int(state.get("step", 0))
-        with torch.no_grad(), self.autocast():
-            task.eval()
-            out = task.generate(n)
+        out = self._from_checkpoint(task, path, lambda: task.generate(n))
         print("[lab] " + ", ".join(f"{k}={v}" for k, v in out.items()), flush=True)
         return self.logger.summary({"checkpoint": str(path), "status": "generated", **out})
 
@@ -481,13 +476,17 @@ class Trainer:
                            "label new inputs (detection)")
         if not folder:
             raise LabError("mode=predict needs input=DIR, a folder of inputs")
+        out = self._from_checkpoint(task, path, lambda: task.predict(Path(str(folder))))
+        return self.logger.summary({"checkpoint": str(path), "status": "predicted", **out})
+
+    def _from_checkpoint(self, task: Task, path: Path, call: Any) -> dict[str, Any]:
+        """Load a checkpoint's task state, start the logger at its step and run `call()` in eval mode."""
         state = self._load_task(task, path)
         self.logger.start()
         self.logger.step = int(state.get("step", 0))
         with torch.no_grad(), self.autocast():
             task.eval()
-            out = task.predict(Path(str(folder)))
-        return self.logger.summary({"checkpoint": str(path), "status": "predicted", **out})
+            return call()
 
     def evaluate_checkpoint(self, task: Task, path: Path) -> dict[str, Any]:
         """`mode=eval`: load a checkpoint's task state and evaluate it once (an agent plays and records)."""

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from lab import io
+from lab import io, media
 from lab.config import build
 from lab.errors import LabError
 from lab.optim import build_optimizer, build_scheduler
@@ -247,8 +247,6 @@ class Detection(Task):
             keep = p["scores"] >= thr
             labels = [f"{self.classes[k]} {s:.2f}" for k, s in zip(p["labels"][keep].tolist(),
                                                                  p["scores"][keep].tolist())]
-            from lab import media
-
             media.save_png(out_dir / f"{f.stem}.png", draw(image, p["boxes"][keep], labels, "red"))
             for box, label, score in zip(p["boxes"].tolist(), p["labels"].tolist(), p["scores"].tolist()):
                 results.append({"image_id": image_id, "file_name": f.name, "category_id": int(label) + 1,
@@ -294,14 +292,10 @@ def coco_metrics(preds: list[dict[str, torch.Tensor]], targets: list[dict[str, t
 
 def read_image(path: Path, channels: int) -> torch.Tensor:
     """An image file as a (C, H, W) uint8 tensor, RGB or grey; an unreadable file is one line."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            a = np.asarray(im.convert("RGB" if channels == 3 else "L"))
-    except (OSError, UnidentifiedImageError) as e:
-        raise LabError(f"{path}: not a readable image ({e}); remove it from the folder or replace it") from None
-    return torch.from_numpy(a.copy()).permute(2, 0, 1) if a.ndim == 3 else torch.from_numpy(a.copy())[None]
+    image = detection_data.decode_image(path, channels)
+    if isinstance(image, str):
+        raise LabError(f"{path}: not a readable image ({image}); remove it from the folder or replace it")
+    return image
 
 
 def draw(image: torch.Tensor, boxes: torch.Tensor, labels: list[str], colour: str, min_side: int = 256) -> torch.Tensor:

@@ -274,7 +274,7 @@ def _coco_entries(path: Path, images: Path | None) -> tuple[list[_Entry], tuple[
     return list(entries.values()), classes, orphans
 
 
-def _decode(path: Path, channels: int) -> torch.Tensor | str:
+def decode_image(path: Path, channels: int) -> torch.Tensor | str:
     """The image as (C, H, W) uint8, or why it cannot be read."""
     from PIL import Image
 
@@ -312,7 +312,7 @@ def _load(entries: Sequence[_Entry], classes: tuple[str, ...], skip_bad: bool, c
         if e.problem or e.image is None:
             _bad(out, skip_bad, f"{head}{e.problem}", e.fix, "this image")
             continue
-        img = _decode(e.image, channels)
+        img = decode_image(e.image, channels)
         if isinstance(img, str):
             _bad(out, skip_bad, f"{head}cannot read image {e.image} ({img})", "replace it", "this image")
             continue

@@ -170,7 +170,7 @@ def faster_rcnn(num_classes: int, in_channels: int, backbone: Any, image_size: i
                 box_detections_per_img: int = 100) -> Detector:
     """Faster R-CNN (torchvision) on a lab backbone, sized for small images on a CPU."""
     body = make_backbone(backbone, in_channels, image_size, levels, fpn_channels, weights, freeze, extra_pool)
-    maps = _maps(levels, extra_pool if fpn_channels else False)
+    maps = _maps(levels, extra_pool)
     mean, std = _normalisation(image_mean, image_std, in_channels)
     names = [str(i) for i in range(len(levels))]
     net = FasterRCNN(

@@ -144,6 +144,14 @@ SCRIPTS: dict[str, str] = {
         "torchvision's detection reference: the same train scenes as PNG + VOC files read per item by a "
         "`DataLoader` (`--workers`), the same detector, optimizer, schedule, clipping and steps, no lab trainer; "
         "its images/s and the same COCO metrics on the same test scenes."),
+    "detect_trees": (
+        "Tree crowns in real aerial images (`detect_trees`: DeepForest's NEON sample, 256x256 tiles; the held-out "
+        "image YELL 541000, 279 crowns in 30 tiles, is never seen in training): Faster R-CNN on VGG16 + FPN "
+        "whose conv layers load from `vgg16_hed_features.pth` (VGG16, HED fine-tune: ImageNet VGG16 fine-tuned "
+        "for edge detection, not pure ImageNet weights), against the same detector, data, steps and schedule "
+        "trained from scratch (`model.weights=null model.freeze=false`). COCO's evaluation of the test tiles "
+        "(AP50 is the figure asked for; tiles overlap by 32 px, so a crown near a tile edge counts in each tile "
+        "that holds half of it) at every evaluation; training images/s and wall seconds per side."),
     "vision_fashion": (
         "A Fashion-MNIST preset of the lab (`fashion_cnn`: the book's deep CNN; `fashion_resnet`: the CIFAR "
         "ResNet-20) against a plain PyTorch loop written the way tutorials write it (torchvision's "
@@ -370,6 +378,20 @@ SPECS: dict[str, list[Any]] = {
             "plain_loop/workers"),
         Row("images/s, lab over plain loop", "images_per_s_ratio_lab_over_plain"),
         Row("mAP, lab minus plain loop", "map_lab_minus_plain"),
+    ],
+    "detect_trees": [
+        Row("target AP50 (pretrained backbone)", "target_ap50"),
+        Row("pretrained: final AP50, mAP, AP75", "pretrained/final/map_50", "pretrained/final/map",
+            "pretrained/final/map_75"),
+        Row("from scratch: final AP50, mAP, AP75", "scratch/final/map_50", "scratch/final/map", "scratch/final/map_75"),
+        Row("best AP50, pretrained / from scratch", "pretrained/best_map_50", "scratch/best_map_50"),
+        Row("AP50, pretrained minus from scratch", "ap50_pretrained_minus_scratch"),
+        Row("pretrained meets the target", "pretrained_meets_target"),
+        Row("pretrained: AP50 per evaluation", "pretrained/evaluations/*/map_50"),
+        Row("from scratch: AP50 per evaluation", "scratch/evaluations/*/map_50"),
+        Row("training images/s, pretrained / from scratch", "pretrained/train_images_per_s_median",
+            "scratch/train_images_per_s_median"),
+        Row("wall seconds, pretrained / from scratch", "pretrained/wall_s", "scratch/wall_s"),
     ],
     "vision_fashion": [
         Row("experiment", "experiment"),
@@ -802,6 +824,9 @@ HEADLINES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "detect_digits": ("detect_digits", lambda r: (
         f"test mAP@[.5:.95] {_v(r, 'lab/final/map')}, AP50 {_v(r, 'lab/final/map_50')}; mAP 0.75 after "
         f"{_v(r, 'lab/seconds_to_map_0.75')} s on a {_v(r, 'machine/cores')}-core CPU")),
+    "detect_trees": ("detect_trees", lambda r: (
+        f"held-out AP50 {_v(r, 'pretrained/final/map_50')} from a pretrained VGG16 (HED), "
+        f"{_v(r, 'scratch/final/map_50')} from scratch")),
     "dqn_pong": ("dqn_pong_gpu", _pong),
     "dcgan_mnist": ("dcgan_mnist", lambda r: (
         f"{_v(r, 'throughput_ratio')}x a pytorch/examples loop's images/s; FID {_v(r, 'final_fid/lab/mean')} vs "

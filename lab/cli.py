@@ -226,6 +226,13 @@ def compose_run(argv: list[str]) -> tuple[str | None, DictConfig | None]:
     except ConfigCompositionException as e:
         text = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         m = re.fullmatch(r"Could not override '(.+)'\.", text[0]) if text else None
+        detail = f"{e} {e.__cause__}"
+        struct = re.search(r"Key '(.+)' is not in struct", detail)
+        full = re.search(r"full_key: (\S+)", detail)
+        if m and struct and full and full.group(1) != m.group(1):
+            return (f"{m.group(1)}: its new value adds the key {full.group(1)}, which the config's {m.group(1)} "
+                    f"does not have; to replace {m.group(1)} as a whole, delete it first: '~{m.group(1)}' "
+                    f"'+{m.group(1)}={{...}}', or set its keys one by one ({full.group(1)} with a +)"), None
         if m:
             return (f"{m.group(1)} is not a key of this config, so the override cannot take effect; check its "
                     f"spelling (python -m lab +experiment=NAME --cfg job prints the config), or add a new key "

@@ -141,17 +141,21 @@ def test_listing_groups_experiments_by_family_with_their_descriptions() -> None:
 
 
 def test_unknown_keys_are_refused_in_one_line_and_known_ones_take_effect(tmp_path: Path) -> None:
-    typo, sweep, added = run_lab_cases(tmp_path, [
+    typo, sweep, added, group = run_lab_cases(tmp_path, [
         ["+experiment=mnist_cnn", "logger=none", "optimizer.lrr=3e-4"],
         ["-m", "+experiment=mnist_cnn,xor_mlp", "logger=none", "scheduler.max_lr=0.1"],
         ["+experiment=xor_mlp", "+scheduler.name=onecycle", "+scheduler.max_lr=0.1",
          f"hydra.run.dir={tmp_path / 'added'}"],
+        ["+experiment=mnist_cnn", "logger=none", "optimizer={lr: 0.001, lrr: 1}"],
     ])
     for r in (typo, sweep):
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: ") and "is not a key of this config" in lines[0]
     assert "optimizer.lrr" in typo.stderr and "+optimizer.lrr=" in typo.stderr
+    # a whole group's new value with a key the group lacks: how to replace the group
+    assert group.returncode == 2 and len(group.stderr.strip().splitlines()) == 1, group.stderr
+    assert "optimizer.lrr" in group.stderr and "'~optimizer' '+optimizer={...}'" in group.stderr
     assert not list(tmp_path.glob("outputs")) and not list(tmp_path.glob("multirun"))  # refused before any run
     # an added key that the run would ignore is refused by the code that owns it
     assert added.returncode == 2 and "peaks at optimizer.lr" in added.stderr, added.stderr

@@ -73,6 +73,15 @@ def test_augmentation_moves_boxes_with_the_pixels() -> None:
         ys, xs = out[0].nonzero(as_tuple=True)
         assert target["boxes"].tolist() == [[xs.min().item(), ys.min().item(), xs.max().item() + 1.0,
                                              ys.max().item() + 1.0]]
+    turn = augmentation({"rotate90": 1.0}, channels=1)  # a quarter, half or three-quarter turn
+    shapes = set()
+    for _ in range(8):
+        out, target = turn(tv_tensors.Image(image), {"boxes": boxes, "labels": torch.tensor([3])})
+        ys, xs = out[0].nonzero(as_tuple=True)
+        shapes.add(tuple(out.shape))
+        assert target["boxes"].tolist() == [[xs.min().item(), ys.min().item(), xs.max().item() + 1.0,
+                                             ys.max().item() + 1.0]]
+    assert shapes == {(1, 40, 60), (1, 60, 40)}
     assert augmentation({}, channels=1) is None
     with pytest.raises(LabError, match="unknown keys"):
         augmentation({"rotate": 10}, channels=1)
@@ -118,6 +127,15 @@ def test_lab_backbones_in_torchvisions_detectors(tmp_path: Path) -> None:
     assert torch.equal(body.layers[0].weight, classifier.features[0].weight)
     assert not any(p.requires_grad for p in body.parameters())
     assert any(p.requires_grad for p in loaded.net.roi_heads.parameters())
+    # model.freeze=S: the layers up to the stride-S maps are frozen (a ResNet's stem and layer1 at S=4), their
+    # BatchNorm statistics kept in training; the rest trains
+    part = detectors.fcos(10, 1, resnet, image_size=64, levels=[8, 16], min_size=64, max_size=64, freeze=4).train()
+    layers = part.net.backbone.body.layers
+    assert not any(p.requires_grad for layer in layers[:5] for p in layer.parameters())
+    assert all(p.requires_grad for layer in layers[5:] for p in layer.parameters())
+    assert not layers[1].training and not layers[4][0].bn1.training and layers[5][0].bn1.training
+    with pytest.raises(LabError, match="a stride the backbone has"):
+        detectors.fcos(10, 1, resnet, image_size=64, levels=[8, 16], freeze=3)
 
 
 def test_wandb_box_data_names_classes_and_scores() -> None:

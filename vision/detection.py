@@ -43,7 +43,7 @@ from lab.plots import plt
 from lab.task import RunContext, Task
 from vision import detection_data
 
-AUGMENT_KEYS = ("hflip", "vflip", "zoom_out", "iou_crop", "photometric")
+AUGMENT_KEYS = ("hflip", "vflip", "rotate90", "zoom_out", "iou_crop", "photometric")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
@@ -68,6 +68,9 @@ def augmentation(spec: Any, channels: int) -> Callable | None:
         steps.append(v2.RandomHorizontalFlip(float(spec["hflip"])))
     if spec.get("vflip"):
         steps.append(v2.RandomVerticalFlip(float(spec["vflip"])))
+    if spec.get("rotate90"):
+        turns = [v2.RandomRotation((a, a), expand=True) for a in (90, 180, 270)]
+        steps.append(v2.RandomApply([v2.RandomChoice(turns)], p=float(spec["rotate90"])))
     if not steps:
         return None
     return v2.Compose([*steps, v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1.0)])

@@ -10,8 +10,9 @@ vision.vgg.VGG, vision.deep_cnn.DeepCNN): its head is dropped and the feature ma
 strides, e.g. [8, 16, 32]) feed a feature pyramid (`model.fpn_channels`; null: one level, no pyramid).
 `model.weights=PATH` loads the backbone from a lab classifier's checkpoint (its best.pt or last.pt) or a
 torchvision-format state dict, as vision/transfer.py does for classifiers; `model.freeze=true` trains the
-detector's heads only. Labels are 0-based class indices everywhere in the lab; Faster R-CNN reserves 0 for
-the background, so `Detector` shifts its labels by one on the way in and out.
+detector's heads only, `model.freeze=S` (a stride) freezes the backbone's layers up to its stride-S maps.
+Labels are 0-based class indices everywhere in the lab; Faster R-CNN reserves 0 for the background, so
+`Detector` shifts its labels by one on the way in and out.
 """
 
 from __future__ import annotations
@@ -50,17 +51,17 @@ def _layers(model: nn.Module) -> list[nn.Module]:
 
 class Body(nn.Module):
     """The backbone's layers, returning {"0": map at the first level, "1": ...} (one level: the map itself).
-    A frozen body keeps its BatchNorm statistics as loaded."""
+    Its first `frozen` layers keep their BatchNorm statistics as loaded."""
 
-    def __init__(self, layers: list[nn.Module], returns: list[int], single: bool, frozen: bool = False):
+    def __init__(self, layers: list[nn.Module], returns: list[int], single: bool, frozen: int = 0):
         super().__init__()
         self.layers = nn.ModuleList(layers[: max(returns) + 1])
         self.returns, self.single, self.frozen = returns, single, frozen
 
     def train(self, mode: bool = True) -> Body:
         super().train(mode)
-        if self.frozen:
-            for m in self.modules():
+        for layer in self.layers[: self.frozen]:
+            for m in layer.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
         return self
@@ -88,7 +89,7 @@ class Pyramid(nn.Module):
 
 
 def make_backbone(spec: Any, in_channels: int, image_size: int, levels: Sequence[int], fpn_channels: int | None,
-                  weights: str | None = None, freeze: bool = False, extra_pool: bool = False) -> nn.Module:
+                  weights: str | None = None, freeze: bool | int = False, extra_pool: bool = False) -> nn.Module:
     """A lab classifier cut into a detection backbone with `out_channels`: its maps at the strides `levels`,
     through a feature pyramid of `fpn_channels` (plus a max-pooled level with `extra_pool`)."""
     spec = OmegaConf.create(OmegaConf.to_container(spec, resolve=True) if OmegaConf.is_config(spec) else spec)
@@ -112,14 +113,26 @@ def make_backbone(spec: Any, in_channels: int, image_size: int, levels: Sequence
         raise LabError(f"model.levels={levels} (or model.extra_pool) needs a feature pyramid: set "
                        "model.fpn_channels (e.g. 64), or keep one level")
     returns = [max(i for i, s in enumerate(strides) if s == level) for level in levels]
-    if freeze:
-        for p in classifier.parameters():
+    frozen = _frozen(freeze, strides, len(layers))
+    for layer in layers[:frozen]:
+        for p in layer.parameters():
             p.requires_grad_(False)
-    body = Body(layers, returns, single=fpn_channels is None, frozen=freeze)
+    body = Body(layers, returns, single=fpn_channels is None, frozen=frozen)
     if fpn_channels is None:
         body.out_channels = channels[returns[0]]
         return body
     return Pyramid(body, [channels[i] for i in returns], int(fpn_channels), extra_pool)
+
+
+def _frozen(freeze: bool | int, strides: list[int], n: int) -> int:
+    """How many leading layers `model.freeze` freezes: true all, false none, a stride S the layers whose maps
+    are at stride S or finer (freeze=4 on a ResNet: its stem and layer1; freeze=8 on VGG16: up to conv4_3)."""
+    if isinstance(freeze, bool) or freeze is None:
+        return n if freeze else 0
+    if int(freeze) not in strides:
+        raise LabError(f"model.freeze={freeze}: give true, false or a stride the backbone has "
+                       f"({sorted(set(strides))}): the layers up to that stride are frozen")
+    return max(i for i, s in enumerate(strides) if s == int(freeze)) + 1
 
 
 def _maps(levels: Sequence[int], extra_pool: bool) -> int:
@@ -159,7 +172,7 @@ class Detector(nn.Module):
 
 def faster_rcnn(num_classes: int, in_channels: int, backbone: Any, image_size: int = 128,
                 levels: Sequence[int] = (8, 16, 32), fpn_channels: int | None = 64, extra_pool: bool = False,
-                weights: str | None = None, freeze: bool = False,
+                weights: str | None = None, freeze: bool | int = False,
                 anchor_sizes: Sequence[Sequence[int]] = ((16,), (32,), (64,)),
                 aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0), min_size: int = 128, max_size: int = 128,
                 image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None,
@@ -189,7 +202,7 @@ def faster_rcnn(num_classes: int, in_channels: int, backbone: Any, image_size: i
 
 def fcos(num_classes: int, in_channels: int, backbone: Any, image_size: int = 128,
          levels: Sequence[int] = (8, 16, 32), fpn_channels: int = 64, extra_pool: bool = False,
-         weights: str | None = None, freeze: bool = False, anchor_sizes: Sequence[Sequence[int]] | None = None,
+         weights: str | None = None, freeze: bool | int = False, anchor_sizes: Sequence[Sequence[int]] | None = None,
          head_convs: int = 2, min_size: int = 128, max_size: int = 128, image_mean: Sequence[float] | None = None,
          image_std: Sequence[float] | None = None, center_sampling_radius: float = 1.5, score_thresh: float = 0.05,
          nms_thresh: float = 0.6, detections_per_img: int = 100, topk_candidates: int = 1000) -> Detector:
@@ -211,7 +224,7 @@ def fcos(num_classes: int, in_channels: int, backbone: Any, image_size: int = 12
 
 def retinanet(num_classes: int, in_channels: int, backbone: Any, image_size: int = 128,
               levels: Sequence[int] = (8, 16, 32), fpn_channels: int = 64, extra_pool: bool = False,
-              weights: str | None = None, freeze: bool = False,
+              weights: str | None = None, freeze: bool | int = False,
               anchor_sizes: Sequence[Sequence[int]] = ((16, 20, 25), (32, 40, 50), (64, 80, 101)),
               aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0), min_size: int = 128, max_size: int = 128,
               image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None,

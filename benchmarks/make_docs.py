@@ -152,6 +152,16 @@ SCRIPTS: dict[str, str] = {
         "trained from scratch (`model.weights=null model.freeze=false`). COCO's evaluation of the test tiles "
         "(AP50 is the figure asked for; tiles overlap by 32 px, so a crown near a tile edge counts in each tile "
         "that holds half of it) at every evaluation; training images/s and wall seconds per side."),
+    "segment_digits": (
+        "Semantic segmentation of digit scenes (`segment_digits`: 1-3 overlapping MNIST digits on 64x64 "
+        "canvases, 11 classes: the background and the 10 digits; train scenes from the train digits, test scenes "
+        "from the test digits) with U-Net, SegNet and FCN (ResNet-18, FCN-8s skips), each a lab run of the same "
+        "data, optimizer and steps: parameters, every evaluation (mIoU over the 10 digit classes, mIoU with the "
+        "background, pixel accuracy; torchvision's confusion-matrix method) and the seconds of training until "
+        "the digits' mIoU first reaches 0.85 (evaluations included, scene making excluded). Then the best model "
+        "against a plain PyTorch loop: the same train scenes as PNG images and masks read per item by a "
+        "`DataLoader` (`--workers`), the same model, optimizer, schedule and steps; its images/s and the same "
+        "evaluation of the same test scenes."),
     "vision_fashion": (
         "A Fashion-MNIST preset of the lab (`fashion_cnn`: the book's deep CNN; `fashion_resnet`: the CIFAR "
         "ResNet-20) against a plain PyTorch loop written the way tutorials write it (torchvision's "
@@ -392,6 +402,18 @@ SPECS: dict[str, list[Any]] = {
         Row("training images/s, pretrained / from scratch", "pretrained/train_images_per_s_median",
             "scratch/train_images_per_s_median"),
         Row("wall seconds, pretrained / from scratch", "pretrained/wall_s", "scratch/wall_s"),
+    ],
+    "segment_digits": [
+        Row("target: digits' mIoU within seconds", "target_miou_foreground", "budget_s"),
+        Grid([("U-Net", "models/unet"), ("SegNet", "models/segnet"), ("FCN (ResNet-18)", "models/fcn")],
+             [("parameters", "parameters"), ("digits' mIoU", "final/miou_foreground"), ("mIoU", "final/miou"),
+              ("pixel accuracy", "final/pixel_accuracy"), ("seconds to 0.85", "seconds_to_miou_0.85"),
+              ("images/s", "train_images_per_s_median")]),
+        Row("best model; meets the target", "best_model", "target_met_by_best"),
+        Row("plain loop: digits' mIoU, images/s, workers", "plain_loop/final/miou_foreground",
+            "plain_loop/train_images_per_s", "plain_loop/workers"),
+        Row("images/s, lab over plain loop", "images_per_s_ratio_lab_over_plain"),
+        Row("digits' mIoU, lab minus plain loop", "miou_lab_minus_plain"),
     ],
     "vision_fashion": [
         Row("experiment", "experiment"),
@@ -773,6 +795,15 @@ def _v(rec: dict[str, Any], path: str) -> str:
     return fmt(v)
 
 
+def _segment(rec: dict[str, Any]) -> str:
+    """The best model's digits' mIoU and its seconds to the target (or that it did not reach it)."""
+    best = f"models/{rec.get('best_model')}"
+    seconds = get(rec, f"{best}/seconds_to_miou_0.85")
+    when = f"0.85 after {fmt(seconds)} s" if seconds not in (None, MISSING) else "0.85 not reached"
+    return (f"digits' test mIoU {_v(rec, best + '/final/miou_foreground')} ({rec.get('best_model')}); {when} on a "
+            f"{_v(rec, 'machine/cores')}-core CPU")
+
+
 def _seeds(rec: dict[str, Any], who: str, other: str, other_name: str) -> str:
     """A multi-seed record: the IQM of the final returns over seeds, and how many seeds end at the threshold;
     the same for `other` (another side of the record) where it has one."""
@@ -827,6 +858,7 @@ HEADLINES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "detect_trees": ("detect_trees", lambda r: (
         f"held-out AP50 {_v(r, 'pretrained/final/map_50')} from a pretrained VGG16 (HED), "
         f"{_v(r, 'scratch/final/map_50')} from scratch")),
+    "segment_digits": ("segment_digits", lambda r: _segment(r)),
     "dqn_pong": ("dqn_pong_gpu", _pong),
     "dcgan_mnist": ("dcgan_mnist", lambda r: (
         f"{_v(r, 'throughput_ratio')}x a pytorch/examples loop's images/s; FID {_v(r, 'final_fid/lab/mean')} vs "

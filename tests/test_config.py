@@ -62,8 +62,14 @@ def _small(name: str, tmp_path: Path) -> list[str]:
 
         assert scenes.main([str(tmp_path / "voc"), "--n", "20", "--size", "64", "--root", str(DATA)]) == 0
         return [f"data.path={tmp_path / 'voc'}", "data.test_fraction=0.25", "data.batch_size=4"]
-    if name == "detect_digits":
+    if name in ("detect_digits", "segment_digits"):
         return ["data.n_train=32", "data.n_test=8", "data.batch_size=4"]
+    if name == "segment_folder":  # images/ + masks/ in their real layout, written by `python -m lab scenes`
+        from vision import scenes
+
+        assert scenes.main([str(tmp_path / "seg"), "--n", "12", "--size", "64", "--overlap", "--root", str(DATA)]) == 0
+        return [f"data.path={tmp_path / 'seg'}", "data.num_classes=11", "data.channels=1", "data.test_fraction=0.25",
+                "data.batch_size=4", "data.crop_size=null"]
     return small
 
 

@@ -129,7 +129,7 @@ def test_wandb_charts_use_the_task_step_axis_and_checkpoints_become_artifacts(tm
     log.finish()
 
 
-def test_overlays_save_the_drawn_png_and_give_wandb_raw_images_with_boxes(tmp_path: Path, monkeypatch) -> None:
+def test_overlays_save_the_drawn_png_and_give_wandb_raw_images_with_boxes_and_masks(tmp_path: Path, monkeypatch) -> None:
     """log_overlay: the file is the drawn image; W&B gets each raw image as a wandb.Image with its native box
     overlays (a recording stand-in for the W&B run); a malformed overlay is skipped, not fatal."""
     import wandb
@@ -166,5 +166,14 @@ def test_overlays_save_the_drawn_png_and_give_wandb_raw_images_with_boxes(tmp_pa
                                                                                           "ground_truth"}
     bad = log.log_overlay("eval/bad", drawn, [{"image": raw, "boxes": {"p": {"box_data": [{"position": {}}]}}}])
     assert bad.exists() and len(logged) == 1  # W&B refused the overlay: the file is kept, the run goes on
+    from vision.segmentation import wandb_masks  # segmentation: W&B's mask overlays, each class named
+
+    truth = torch.zeros(16, 16, dtype=torch.uint8)
+    truth[2:9, 3:7], truth[0, 0] = 2, 255
+    log.log_overlay("eval/segmentations", drawn, [{"image": raw, "masks": wandb_masks(truth.clone(), truth,
+                                                                                      ("bg", "a", "b"))}])
+    (masked,) = logged[-1]["eval/segmentations"]
+    assert isinstance(masked, wandb.Image) and set(masked._masks) == {"predictions", "ground_truth"}
+    assert masked._masks["ground_truth"]._val["class_labels"] == {0: "bg", 1: "a", 2: "b", 255: "ignore"}
     log.wandb = None
     log.finish()

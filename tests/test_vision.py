@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,9 @@ from vision import transfer
 from vision.resnet import resnet18
 from vision.vgg import VGG
 
-MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml")  # the classifiers (vision/; the
-                if "_target_: vision." in p.read_text() and "vision.detectors." not in p.read_text())  # detectors:
-                                                                                         # tests/test_detection.py
+MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml")  # the classifiers (vision/); detectors
+                if "_target_: vision." in p.read_text()                   # and segmenters: test_detection.py and
+                and not re.search(r"vision\.(detectors|segmenters)\.", p.read_text()))  # test_segmentation.py
 OPTIMIZERS = sorted(p.stem for p in (REPO / "conf" / "optimizer").glob("*.yaml")  # torch's (lbfgs: the lab's
                     if "_target_: torch.optim." in p.read_text())                   # one-step L-BFGS for images)
 TINY = ["logger=none", "trainer.progress=false", "trainer.num_threads=1", "data.subset=64", "data.test_subset=64",

@@ -38,39 +38,25 @@ from omegaconf import DictConfig
 from lab import io, media
 from lab.config import build
 from lab.errors import LabError
-from lab.optim import build_optimizer, build_scheduler
 from lab.plots import plt
-from lab.task import RunContext, Task
+from lab.task import RunContext
 from vision import detection_data
+from vision.image_task import ImageTask, augment_steps, input_images
 
 AUGMENT_KEYS = ("hflip", "vflip", "rotate90", "zoom_out", "iou_crop", "photometric")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def augmentation(spec: Any, channels: int) -> Callable | None:
     """torchvision.transforms.v2 that move boxes with the pixels, from `data.augment`; None when all are off."""
     from torchvision.transforms import v2
 
-    spec = dict(spec or {})
-    unknown = sorted(set(spec) - set(AUGMENT_KEYS))
-    if unknown:
-        raise LabError(f"data.augment has unknown keys {unknown}; detection takes {', '.join(AUGMENT_KEYS)}")
-    steps: list[Any] = []
-    if spec.get("photometric"):
-        if channels != 3:
-            raise LabError("data.augment.photometric needs RGB images (data.channels=3)")
-        steps.append(v2.RandomPhotometricDistort(p=float(spec["photometric"])))
+    spec, first, last = augment_steps(spec, AUGMENT_KEYS, channels, "detection")
+    middle: list[Any] = []
     if spec.get("zoom_out"):
-        steps.append(v2.RandomZoomOut(fill=0, side_range=(1.0, float(spec["zoom_out"])), p=0.5))
+        middle.append(v2.RandomZoomOut(fill=0, side_range=(1.0, float(spec["zoom_out"])), p=0.5))
     if spec.get("iou_crop"):
-        steps.append(v2.RandomIoUCrop())
-    if spec.get("hflip"):
-        steps.append(v2.RandomHorizontalFlip(float(spec["hflip"])))
-    if spec.get("vflip"):
-        steps.append(v2.RandomVerticalFlip(float(spec["vflip"])))
-    if spec.get("rotate90"):
-        turns = [v2.RandomRotation((a, a), expand=True) for a in (90, 180, 270)]
-        steps.append(v2.RandomApply([v2.RandomChoice(turns)], p=float(spec["rotate90"])))
+        middle.append(v2.RandomIoUCrop())
+    steps = [*first, *middle, *last]
     if not steps:
         return None
     return v2.Compose([*steps, v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1.0)])
@@ -117,10 +103,8 @@ class DetectionLoader:
             yield list(images), list(targets)
 
 
-class Detection(Task):
+class Detection(ImageTask):
     main_metric = "eval/map"
-    main_mode = "max"
-    progress_keys = ("loss",)
 
     def __init__(self, cfg: DictConfig, ctx: RunContext):
         super().__init__(cfg, ctx)
@@ -140,30 +124,14 @@ class Detection(Task):
         self.eval_batch_size = int(d.eval_batch_size)
         self.show = cfg.detection
         skipped = [*self.train_set.skipped, *self.test_set.skipped]
-        self.info = {"model/params": sum(p.numel() for p in self.model.parameters()),
-                     "model/trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
-                     "data/train_images": len(self.train_set.images), "data/test_images": len(self.test_set.images),
-                     "data/train_boxes": sum(len(t["labels"]) for t in self.train_set.targets),
-                     "data/test_boxes": sum(len(t["labels"]) for t in self.test_set.targets),
-                     "data/skipped_annotations": len(skipped)}
-        if ctx.dist.is_main:
-            ctx.run_dir.mkdir(parents=True, exist_ok=True)
-            io.write_text(ctx.run_dir / "model.txt", f"{self.model}\n\nparameters: {self.info['model/params']:,} "
-                          f"(trainable: {self.info['model/trainable_params']:,})\n")
-            if skipped:
-                io.write_text(ctx.run_dir / "skipped_annotations.txt", "\n".join(skipped) + "\n")
-                print(f"[lab] data.skip_bad: skipped {len(skipped)} bad annotation(s), listed in "
-                      f"{ctx.run_dir / 'skipped_annotations.txt'}", flush=True)
-
-    def optimizers(self, total_steps: int | None) -> dict:
-        opt = build_optimizer(self.cfg.optimizer, [p for p in self.model.parameters() if p.requires_grad])
-        return {"model": (opt, build_scheduler(self.cfg.get("scheduler"), opt, total_steps))}
-
-    def train_data(self) -> DetectionLoader:
-        return self.loader
-
-    def samples_in(self, batch: Any) -> int:
-        return len(batch[0])
+        self.describe({"data/train_images": len(self.train_set.images), "data/test_images": len(self.test_set.images),
+                       "data/train_boxes": sum(len(t["labels"]) for t in self.train_set.targets),
+                       "data/test_boxes": sum(len(t["labels"]) for t in self.test_set.targets),
+                       "data/skipped_annotations": len(skipped)})
+        if ctx.dist.is_main and skipped:
+            io.write_text(ctx.run_dir / "skipped_annotations.txt", "\n".join(skipped) + "\n")
+            print(f"[lab] data.skip_bad: skipped {len(skipped)} bad annotation(s), listed in "
+                  f"{ctx.run_dir / 'skipped_annotations.txt'}", flush=True)
 
     def training_step(self, batch: tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]], optim) -> dict:
         images, targets = batch
@@ -183,8 +151,7 @@ class Detection(Task):
         return out
 
     def evaluate(self) -> dict:
-        if "model/params" not in self.ctx.logger.last:  # once per run, a resumed one included
-            self.ctx.logger.log(self.info)
+        self.log_info_once()
         preds = self.detect(self.test_set.images)
         out, per_class, curves = coco_metrics(preds, self.test_set.targets, self.classes)
         self.ctx.logger.log_table("eval/per_class_ap", ["class", "AP", "AP50", "recall@100", "test boxes"],
@@ -235,12 +202,7 @@ class Detection(Task):
         `detection.score_threshold` or above, and predictions/results.json, COCO's results format (one
         {image_id, category_id, bbox [x, y, w, h], score} per detection, every score; `file_name` added;
         category ids are the 1-based class indices, as the lab's COCO files number them)."""
-        folder = Path(folder).expanduser()
-        if not folder.is_dir():
-            raise LabError(f"input={folder} is not a folder; pass input=DIR, a folder of images")
-        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise LabError(f"input={folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        files = input_images(folder)
         channels = int(self.train_set.images[0].shape[0])
         out_dir = self.ctx.run_dir / "predictions"
         thr, results = float(self.show.score_threshold), []

@@ -88,10 +88,9 @@ class Pyramid(nn.Module):
         return self.fpn(self.body(x))
 
 
-def make_backbone(spec: Any, in_channels: int, image_size: int, levels: Sequence[int], fpn_channels: int | None,
-                  weights: str | None = None, freeze: bool | int = False, extra_pool: bool = False) -> nn.Module:
-    """A lab classifier cut into a detection backbone with `out_channels`: its maps at the strides `levels`,
-    through a feature pyramid of `fpn_channels` (plus a max-pooled level with `extra_pool`)."""
+def make_body(spec: Any, in_channels: int, image_size: int, levels: Sequence[int], weights: str | None = None,
+              freeze: bool | int = False, single: bool = False) -> tuple[Body, list[int]]:
+    """A lab classifier cut into a `Body` returning its maps at the strides `levels`, and their channels."""
     spec = OmegaConf.create(OmegaConf.to_container(spec, resolve=True) if OmegaConf.is_config(spec) else spec)
     classifier = build(spec, "model.backbone", in_channels=in_channels, num_classes=10, image_size=image_size)
     if weights:
@@ -109,19 +108,26 @@ def make_backbone(spec: Any, in_channels: int, image_size: int, levels: Sequence
     if not levels or sorted(set(levels)) != levels or any(s not in strides for s in levels):
         raise LabError(f"model.levels={levels} must be increasing strides the backbone has: "
                        f"{sorted(set(strides))} (at {image_size} px)")
-    if fpn_channels is None and (len(levels) > 1 or extra_pool):
-        raise LabError(f"model.levels={levels} (or model.extra_pool) needs a feature pyramid: set "
-                       "model.fpn_channels (e.g. 64), or keep one level")
     returns = [max(i for i, s in enumerate(strides) if s == level) for level in levels]
     frozen = _frozen(freeze, strides, len(layers))
     for layer in layers[:frozen]:
         for p in layer.parameters():
             p.requires_grad_(False)
-    body = Body(layers, returns, single=fpn_channels is None, frozen=frozen)
+    return Body(layers, returns, single=single, frozen=frozen), [channels[i] for i in returns]
+
+
+def make_backbone(spec: Any, in_channels: int, image_size: int, levels: Sequence[int], fpn_channels: int | None,
+                  weights: str | None = None, freeze: bool | int = False, extra_pool: bool = False) -> nn.Module:
+    """A lab classifier cut into a detection backbone with `out_channels`: its maps at the strides `levels`,
+    through a feature pyramid of `fpn_channels` (plus a max-pooled level with `extra_pool`)."""
+    if fpn_channels is None and (len(levels) > 1 or extra_pool):
+        raise LabError(f"model.levels={list(levels)} (or model.extra_pool) needs a feature pyramid: set "
+                       "model.fpn_channels (e.g. 64), or keep one level")
+    body, channels = make_body(spec, in_channels, image_size, levels, weights, freeze, single=fpn_channels is None)
     if fpn_channels is None:
-        body.out_channels = channels[returns[0]]
+        body.out_channels = channels[0]
         return body
-    return Pyramid(body, [channels[i] for i in returns], int(fpn_channels), extra_pool)
+    return Pyramid(body, channels, int(fpn_channels), extra_pool)
 
 
 def _frozen(freeze: bool | int, strides: list[int], n: int) -> int:

@@ -2,22 +2,25 @@
 
 A synthetic detection set that needs no download beyond MNIST: each `size`x`size` canvas gets between
 `objects[0]` and `objects[1]` digits, each resized by a random factor in `scale` (28 px -> round(28 * s),
-bilinear, antialiased) and pasted at a random position fully inside the canvas, composited by max. Digits
-never overlap: a new digit goes where its visible pixels' box meets no other digit's box (a few positions
-are tried; one that finds no room is dropped, so a crowded scene has fewer digits, never none). Every scene
+bilinear, antialiased) and drawn at a random position fully inside the canvas (its lit pixels, > 0, over
+the canvas). Digits never overlap unless `overlap=True`: a new digit goes where its visible pixels' box
+meets no other digit's box (a few positions are tried; one that finds no room is dropped, so a crowded
+scene has fewer digits, never none). Every scene
 keeps per-object masks (`instances`), so segmentation and captioning tasks reuse the same scenes.
 
     from vision import scenes
     s = scenes.from_config(cfg.data, "train")   # conf/data/digit_scenes.yaml; train digits only
     s.images[0], s.boxes[0], s.labels[0]        # (C, H, W) uint8, (k, 4) float32 xyxy, (k,) int64
     s.instances[0] == j + 1                      # where object j of scene 0 is visible
+    s.class_masks(threshold=0)[0]                # per pixel: 0 background, 1 + the digit's class
 
 Box convention (as torchvision's): float32 `xyxy` in continuous pixel coordinates; a box tight around pixel
 columns c0..c1 and rows r0..r1 (inclusive) is `[c0, r0, c1 + 1, r1 + 1]`. A digit's box is tight around its
 pixels > 0 in the final canvas, not around its resized patch's empty margin.
 
 `python -m lab scenes OUT [--split test] [--n 100] ...` writes a set to OUT as PNG images with Pascal VOC
-XML (`OUT/annotations/`) and COCO (`OUT/instances.json`) files, for other tools or for `data=voc_folder`.
+XML (`OUT/annotations/`), COCO (`OUT/instances.json`) and mask (`OUT/masks/`, a palette PNG of classes)
+files, for other tools or for `data=voc_folder` and `data=seg_folder`.
 Train scenes come only from the train digits and test scenes only from the test digits (seed, seed + 1).
 """
 
@@ -48,6 +51,15 @@ class Scenes:
     instances: torch.Tensor  # (N, H, W) uint8: 0 background, j + 1 where object j of the scene is visible (> 0)
     classes: tuple[str, ...]
 
+    def class_masks(self, threshold: int = 0) -> torch.Tensor:
+        """(N, H, W) uint8 per-pixel classes: 0 background, 1 + the class of the digit drawn at a pixel whose
+        value is above `threshold` (the digit on top where digits overlap, as the image shows it)."""
+        out = torch.zeros_like(self.instances)
+        for s, (inst, labels) in enumerate(zip(self.instances, self.labels)):
+            lut = torch.cat([torch.zeros(1, dtype=torch.uint8), (labels + 1).to(torch.uint8)])
+            out[s] = torch.where(self.images[s, 0] > threshold, lut[inst.long()], 0)
+        return out
+
 
 def _resize(digits: np.ndarray, h: int, w: int) -> np.ndarray:
     """(k, H0, W0) uint8 -> (k, h, w) uint8, bilinear with antialiasing (as lab.data.conform)."""
@@ -69,9 +81,11 @@ def _extent(patches: np.ndarray) -> np.ndarray:
 
 def make_scenes(digits: torch.Tensor, digit_labels: torch.Tensor, classes: Sequence[str], n: int, size: int = 128,
                 objects: tuple[int, int] = (1, 4), scale: tuple[float, float] = (1.0, 2.0), seed: int = 0,
-                channels: int = 1) -> Scenes:
+                channels: int = 1, overlap: bool = False) -> Scenes:
     """`n` scenes of `size`x`size` from `digits` ((M, 1, h, w) or (M, h, w) uint8) and their labels (module
-    docstring); the same arguments and `seed` always give the same scenes."""
+    docstring); the same arguments and `seed` always give the same scenes. `overlap=True` places digits
+    anywhere: a later digit covers an earlier one where its pixels are lit (> 0), in the image and in
+    `instances` alike, and boxes are tight around what stays visible (a digit covered completely is left out)."""
     if digits.dtype != torch.uint8 or digits.dim() not in (3, 4) or (digits.dim() == 4 and digits.shape[1] != 1):
         raise LabError(f"make_scenes takes grey uint8 digits (M, 1, h, w), got {digits.dtype} {tuple(digits.shape)}")
     pool = digits.reshape(len(digits), *digits.shape[-2:]).numpy()
@@ -129,7 +143,9 @@ def make_scenes(digits: torch.Tensor, digit_labels: torch.Tensor, classes: Seque
             ph, pw = patch.shape
             pos = rng.integers(0, [size - pw + 1, size - ph + 1], size=(TRIES, 2))
             cand = np.concatenate([pos, pos], 1) + ext  # (TRIES, 4) boxes in the canvas
-            if placed:
+            if overlap:
+                pos, cand = pos[:1], cand[:1]
+            elif placed:
                 other = np.stack(placed)
                 hit = ((cand[:, None, 0] < other[None, :, 2]) & (other[None, :, 0] < cand[:, None, 2])
                        & (cand[:, None, 1] < other[None, :, 3]) & (other[None, :, 1] < cand[:, None, 3])).any(1)
@@ -138,11 +154,19 @@ def make_scenes(digits: torch.Tensor, digit_labels: torch.Tensor, classes: Seque
                     continue  # no room found: the scene has one digit fewer
                 pos, cand = pos[free[:1]], cand[free[:1]]
             x, y = pos[0].tolist()
-            region = images[s, y:y + ph, x:x + pw]
-            np.maximum(region, patch, out=region)
-            instances[s, y:y + ph, x:x + pw][patch > 0] = len(placed) + 1
+            lit = patch > 0
+            images[s, y:y + ph, x:x + pw][lit] = patch[lit]  # drawn over whatever was there
+            instances[s, y:y + ph, x:x + pw][lit] = len(placed) + 1
             placed.append(cand[0])
             placed_labels.append(label)
+        if overlap:  # boxes of what stays visible; a digit covered completely is left out, the rest renumbered
+            ids = np.arange(1, len(placed) + 1)
+            ext = _extent((instances[s][None] == ids[:, None, None]).astype(np.uint8))
+            seen = ext[:, 0] >= 0
+            renumber = np.zeros(len(placed) + 1, np.uint8)
+            renumber[ids[seen]] = np.arange(1, seen.sum() + 1)
+            instances[s] = renumber[instances[s]]
+            placed, placed_labels = list(ext[seen]), [k for k, v in zip(placed_labels, seen) if v]
         boxes.append(torch.from_numpy(np.stack(placed).astype(np.float32)))
         labels.append(torch.tensor(placed_labels, dtype=torch.int64))
     out = torch.from_numpy(images).unsqueeze(1)
@@ -174,14 +198,16 @@ def from_config(d: Mapping[str, Any], split: str) -> Scenes:
         raise LabError(f"data.{'n_train' if split == 'train' else 'n_test'} is missing: set the number of scenes")
     return make_scenes(digits.images, digits.labels, digits.spec.classes, int(n), int(d.get("size", 128)),
                        tuple(d.get("objects", (1, 4))), tuple(d.get("scale", (1.0, 2.0))),
-                       int(d.get("seed", 0)) + (0 if split == "train" else 1), int(d.get("channels") or 1))
+                       int(d.get("seed", 0)) + (0 if split == "train" else 1), int(d.get("channels") or 1),
+                       bool(d.get("overlap", False)))
 
 
 def main(argv: list[str]) -> int:
     """`python -m lab scenes OUT ...`: write a set of digit scenes as VOC and COCO files; the exit code."""
     ap = argparse.ArgumentParser(prog="python -m lab scenes", description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path, metavar="OUT",
-                    help="a new folder for OUT/images/*.png, OUT/annotations/*.xml, OUT/instances.json")
+                    help="a new folder for OUT/images/*.png, OUT/annotations/*.xml, OUT/instances.json, "
+                    "OUT/masks/*.png")
     ap.add_argument("--split", choices=("train", "test"), default="test", help="digits to draw from (default test)")
     ap.add_argument("--n", type=int, default=100, help="number of scenes (default 100)")
     ap.add_argument("--source", choices=("mnist", "fashion_mnist"), default="mnist")
@@ -191,24 +217,32 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--scale", type=float, nargs=2, default=[1.0, 2.0], metavar=("MIN", "MAX"),
                     help="resize factor of each digit (default 1.0 2.0)")
     ap.add_argument("--seed", type=int, default=0, help="the train split uses seed, the test split seed + 1")
+    ap.add_argument("--overlap", action="store_true", help="digits may overlap (the one drawn last on top)")
+    ap.add_argument("--mask-threshold", type=int, default=0, metavar="T",
+                    help="OUT/masks/*.png: a digit's pixels are those brighter than T (default 0)")
     ap.add_argument("--root", metavar="DIR",
                     help="data root holding MNIST (default: $LAB_DATA_DIR, else ~/.cache/lab/data)")
     a = ap.parse_args(argv)
-    from vision import detection_data
+    from vision import detection_data, segmentation_data
 
     cfg = {"source": a.source, "root": a.root, "download": True, "size": a.size, "objects": a.objects,
-           "scale": a.scale, "seed": a.seed, "n_train": a.n, "n_test": a.n, "channels": 1}
+           "scale": a.scale, "seed": a.seed, "n_train": a.n, "n_test": a.n, "channels": 1, "overlap": a.overlap}
     try:
         if a.out.exists() and (not a.out.is_dir() or any(a.out.iterdir())):
             raise LabError(f"{a.out} already exists and is not an empty folder (a set written there before would "
                            "mix with this one); remove it or choose another OUT")
-        det = detection_data.from_scenes(from_config(cfg, a.split))
+        made = from_config(cfg, a.split)
+        det = detection_data.from_scenes(made)
         detection_data.write_voc(det, a.out)
         detection_data.write_coco(det, a.out)
+        seg = segmentation_data.from_scenes(made, a.mask_threshold)
+        for mask, name in zip(seg.masks, det.names):
+            segmentation_data.save_mask(a.out / "masks" / f"{Path(name).stem}.png", mask)
     except LabError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     boxes = sum(len(t["boxes"]) for t in det.targets)
     print(f"[lab] {len(det.images)} {a.source} {a.split} scenes ({boxes} boxes, {a.size}x{a.size}) written to "
-          f"{a.out}: images/*.png, annotations/*.xml (Pascal VOC), instances.json (COCO)")
+          f"{a.out}: images/*.png, annotations/*.xml (Pascal VOC), instances.json (COCO), masks/*.png (class "
+          "per pixel: 0 background, 1 + the digit)")
     return 0

@@ -129,7 +129,8 @@ def test_wandb_charts_use_the_task_step_axis_and_checkpoints_become_artifacts(tm
     log.finish()
 
 
-def test_overlays_save_the_drawn_png_and_give_wandb_raw_images_with_boxes_and_masks(tmp_path: Path, monkeypatch) -> None:
+def test_overlays_save_the_drawn_png_and_give_wandb_raw_images_with_boxes_and_masks(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
     """log_overlay: the file is the drawn image; W&B gets each raw image as a wandb.Image with its native box
     overlays (a recording stand-in for the W&B run); a malformed overlay is skipped, not fatal."""
     import wandb

@@ -149,10 +149,11 @@ def test_scene_masks_follow_the_digit_drawn_last() -> None:
     assert all((box_iou(b, b) - torch.eye(len(b))).abs().max() == 0 for b in plain.boxes)  # never overlapping
 
 
-# A segment_digits run sized for the suite: 48 px scenes, a small U-Net.
-TINY = ["+experiment=segment_digits", "logger=none", "trainer.progress=false", "data.size=48", "data.n_train=640",
-        "data.n_test=40", "data.batch_size=16", "trainer.max_epochs=null", "trainer.max_steps=120",
-        "trainer.eval_every=60", "trainer.log_every=20", "model.widths=[8,16,32]", "segmentation.media_images=3"]
+# A segment_digits run sized for the suite: 640 scenes, FCN on ResNet-18 with skips from strides 2 to 16 (at 64 px
+# it learns which digit a pixel belongs to much sooner than the small U-Net; about a minute on one thread).
+TINY = ["+experiment=segment_digits", "logger=none", "trainer.progress=false", "model=fcn", "model.levels=[2,4,8,16]",
+        "data.n_train=640", "data.n_test=40", "data.batch_size=16", "trainer.max_epochs=null", "trainer.max_steps=160",
+        "trainer.eval_every=80", "trainer.log_every=20", "segmentation.media_images=3"]
 
 
 def test_a_short_segment_digits_run_learns_then_evaluates_and_predicts(tmp_path: Path) -> None:
@@ -163,8 +164,9 @@ def test_a_short_segment_digits_run_learns_then_evaluates_and_predicts(tmp_path:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     evals = [r for r in rows if "eval/miou" in r]
-    assert losses[-1] < 0.5 * losses[0], losses
-    assert evals[-1]["eval/miou"] > 0.3 and evals[-1]["eval/pixel_accuracy"] > 0.9, evals[-1]
+    assert losses[-1] < 0.4 * losses[0], losses
+    assert evals[-1]["eval/miou"] > 0.3 and evals[-1]["eval/miou_foreground"] > 0.2, evals[-1]  # measured 0.46, 0.41
+    assert evals[-1]["eval/pixel_accuracy"] > 0.92, evals[-1]  # measured 0.95; all background: about 0.86
     media = {f.name.rsplit("_", 1)[0] for f in (run / "media").iterdir()}
     assert {"eval_segmentations", "eval_per_class_iou", "eval_per_class_iou_chart"} <= media
     table = next((run / "media").glob("eval_per_class_iou_*.csv")).read_text().splitlines()
@@ -182,12 +184,12 @@ def test_a_short_segment_digits_run_learns_then_evaluates_and_predicts(tmp_path:
         [*TINY, "mode=predict", f"checkpoint={checkpoint}", f"input={inbox}", f"hydra.run.dir={pred}"],
         [*TINY, "mode=eval", f"checkpoint={checkpoint}", f"hydra.run.dir={ev}"],
         ["+experiment=segment_folder", "logger=none", "trainer.progress=false", f"data.path={tmp_path / 'scenes'}",
-         "data.num_classes=11", "data.channels=1", "data.test_fraction=0.5", "data.batch_size=2", "data.crop_size=40",
+         "data.num_classes=11", "data.channels=1", "data.test_fraction=0.5", "data.batch_size=2", "data.crop_size=48",
          "trainer.max_epochs=null", "trainer.max_steps=2", "model.widths=[8,16]", f"hydra.run.dir={tmp_path / 'f'}"]])
     assert predicted.returncode == 0 and evaluated.returncode == 0, predicted.stderr[-2000:] + evaluated.stderr[-2000:]
     written = sorted((pred / "predictions").glob("*.png"))
     assert [f.name for f in written] == sorted(f.name for f in inbox.iterdir())
-    assert all(read_mask(f).shape == (48, 48) and read_mask(f).max() <= 10 for f in written)
+    assert all(read_mask(f).shape == (64, 64) and read_mask(f).max() <= 10 for f in written)
     summary = json.loads((ev / "summary.json").read_text())
     assert summary["eval/miou"] == pytest.approx(max(r["eval/miou"] for r in evals), abs=1e-6)  # best.pt's own
     assert folder.returncode == 0, folder.stderr[-2000:]
@@ -197,7 +199,7 @@ def test_a_short_segment_digits_run_learns_then_evaluates_and_predicts(tmp_path:
 def _scene_files(env: dict[str, str]) -> tuple[list, list, list]:
     from vision import segmentation_data
 
-    d = {"name": "digit_masks", "root": env["LAB_DATA_DIR"], "size": 48, "objects": [1, 3], "scale": [1.0, 1.5],
+    d = {"name": "digit_masks", "root": env["LAB_DATA_DIR"], "size": 64, "objects": [1, 3], "scale": [1.0, 1.5],
          "n_train": 4, "n_test": 4, "seed": 0, "channels": 1, "overlap": True, "mask_threshold": 48}
     s = segmentation_data.from_config(d, "test")
     return s.images, s.masks, s.names

@@ -72,6 +72,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return rows(run_dir)
 
 
+def short_run(tmp_path: Path, args: list[str], key: str) -> tuple[Path, dict[str, str], list[float], list[dict]]:
+    """`python -m lab ARGS` on one thread into tmp_path/run (it must succeed): the run dir, its env, its
+    train/loss values and its rows that hold `key`."""
+    run = tmp_path / "run"
+    env = lab_env(tmp_path, OMP_NUM_THREADS="1")
+    p = run_lab(tmp_path, *args, f"hydra.run.dir={run}", env=env, timeout=280)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = read_metrics(run)
+    return run, env, [r["train/loss"] for r in rows if "train/loss" in r], [r for r in rows if key in r]
+
+
 def without_perf(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
 

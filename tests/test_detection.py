@@ -11,7 +11,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou, nms
 
-from conftest import lab_env, run_lab, run_lab_cases
+from conftest import lab_env, run_lab_cases, short_run
 from lab.errors import LabError
 from vision import detectors
 from vision.detection import augmentation, coco_metrics, wandb_boxes
@@ -155,13 +155,7 @@ TINY = ["+experiment=detect_digits", "logger=none", "trainer.progress=false", "d
 
 
 def test_a_short_detect_digits_run_learns_then_evaluates_and_predicts(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    env = lab_env(tmp_path, OMP_NUM_THREADS="1")
-    p = run_lab(tmp_path, *TINY, f"hydra.run.dir={run}", env=env, timeout=280)
-    assert p.returncode == 0, p.stderr[-3000:]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["train/loss"] for r in rows if "train/loss" in r]
-    evals = [r for r in rows if "eval/map_50" in r]
+    run, env, losses, evals = short_run(tmp_path, TINY, "eval/map_50")
     assert losses[-1] < 0.6 * losses[0], losses
     assert evals[-1]["eval/map_50"] > 0.2 and evals[-1]["eval/map"] > 0.05, evals[-1]  # measured: 0.34, 0.13
     media = {f.name.rsplit("_", 1)[0] for f in (run / "media").iterdir()}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import lab_env, run_lab, run_lab_cases
+from conftest import run_lab_cases, short_run
 from lab.errors import LabError
 from vision import scenes, segmenters
 from vision.segmentation import augmentation, confusion, scores
@@ -157,13 +157,7 @@ TINY = ["+experiment=segment_digits", "logger=none", "trainer.progress=false", "
 
 
 def test_a_short_segment_digits_run_learns_then_evaluates_and_predicts(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    env = lab_env(tmp_path, OMP_NUM_THREADS="1")
-    p = run_lab(tmp_path, *TINY, f"hydra.run.dir={run}", env=env, timeout=280)
-    assert p.returncode == 0, p.stderr[-3000:]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["train/loss"] for r in rows if "train/loss" in r]
-    evals = [r for r in rows if "eval/miou" in r]
+    run, env, losses, evals = short_run(tmp_path, TINY, "eval/miou")
     assert losses[-1] < 0.4 * losses[0], losses
     assert evals[-1]["eval/miou"] > 0.3 and evals[-1]["eval/miou_foreground"] > 0.2, evals[-1]  # measured 0.46, 0.41
     assert evals[-1]["eval/pixel_accuracy"] > 0.92, evals[-1]  # measured 0.95; all background: about 0.86

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,22 +42,12 @@ import record  # noqa: E402
 TARGETS = {"map": 0.75, "map_50": 0.95}
 
 
-def composed(args: list[str]) -> Any:
-    """The experiment's resolved config, as the lab composes it."""
-    out = subprocess.run([sys.executable, "-m", "lab", *args, "--cfg", "job", "--resolve"], cwd=REPO,
-                         capture_output=True, text=True, check=True).stdout
-    return OmegaConf.create(out)
-
-
 def lab_side(args: list[str], work: Path) -> dict[str, Any]:
     rows, wall = record.run_lab(args, work / "lab")
-    evals = [{"step": r["step"], "elapsed_s": round(r["perf/elapsed_s"], 1),
-              **{k.split("/", 1)[1]: round(r[k], 4) for k in r if k.startswith("eval/map") or k.startswith("eval/mar")}}
-             for r in rows if "eval/map" in r]
-    rates = [r["perf/samples_per_sec"] for r in rows if "perf/samples_per_sec" in r][1:]  # the first: warm-up
+    evals = record.evaluations(rows, "eval/map", ("eval/map", "eval/mar"))
     out: dict[str, Any] = {"command": " ".join(["python -m lab", *args]), "wall_s": round(wall, 1),
                            "evaluations": evals, "final": evals[-1], "best_map": max(e["map"] for e in evals),
-                           "train_images_per_s_median": round(statistics.median(rates), 2)}
+                           "train_images_per_s_median": record.median_samples_per_s(rows)}
     for key, target in TARGETS.items():
         hit = next((e for e in evals if e[key] >= target), None)
         out[f"seconds_to_{key}_{target}"] = hit["elapsed_s"] if hit else None
@@ -164,7 +152,7 @@ def main() -> None:
     ap.add_argument("--name", default="detect_digits")
     args = ap.parse_args()
     lab_args = ["+experiment=detect_digits", "logger=none", "trainer.progress=false", *args.lab_args]
-    cfg = composed(lab_args)
+    cfg = record.composed(lab_args)
     steps = int(cfg.trainer.max_steps or 0) or int(cfg.trainer.max_epochs) * (int(cfg.data.n_train)
                                                                               // int(cfg.data.batch_size))
     figures: dict[str, Any] = {"targets": TARGETS, "steps": steps, "batch_size": int(cfg.data.batch_size),

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -42,14 +41,11 @@ SIDES = {"pretrained": [], "scratch": ["model.weights=null", "model.freeze=false
 
 def side(args: list[str], run_dir: Path) -> dict[str, Any]:
     rows, wall = record.run_lab(args, run_dir)
-    evals = [{"step": r["step"], "elapsed_s": round(r["perf/elapsed_s"], 1),
-              **{k.split("/", 1)[1]: round(r[k], 4) for k in r if k.startswith(("eval/map", "eval/mar"))}}
-             for r in rows if "eval/map" in r]
-    rates = [r["perf/samples_per_sec"] for r in rows if "perf/samples_per_sec" in r][1:]  # the first: warm-up
+    evals = record.evaluations(rows, "eval/map", ("eval/map", "eval/mar"))
     model = OmegaConf.load(run_dir / "config.yaml").model
     return {"command": " ".join(["python -m lab", *args]), "wall_s": round(wall, 1), "evaluations": evals,
             "final": evals[-1], "best_map_50": max(e["map_50"] for e in evals),
-            "train_images_per_s_median": round(statistics.median(rates), 2),
+            "train_images_per_s_median": record.median_samples_per_s(rows),
             "backbone": OmegaConf.to_container(model.backbone), "weights": model.weights, "freeze": model.freeze}
 
 

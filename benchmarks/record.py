@@ -29,6 +29,30 @@ def run_lab(args: list[str], run_dir: Path, **kwargs: Any) -> tuple[list[dict[st
     return read_metrics(run_dir), wall
 
 
+def composed(args: list[str]) -> Any:
+    """The experiment's resolved config, as `python -m lab ARGS --cfg job --resolve` composes it."""
+    from omegaconf import OmegaConf
+
+    out = subprocess.run([sys.executable, "-m", "lab", *args, "--cfg", "job", "--resolve"], cwd=RESULTS.parents[1],
+                         capture_output=True, text=True, check=True).stdout
+    return OmegaConf.create(out)
+
+
+def evaluations(rows: list[dict[str, Any]], marker: str, keep: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The rows holding `marker` as {step, elapsed_s, <metric>: value} with the metrics whose names start with
+    one of `keep` (their "eval/" dropped, values to 4 places)."""
+    return [{"step": r["step"], "elapsed_s": round(r["perf/elapsed_s"], 1),
+             **{k.split("/", 1)[1]: round(r[k], 4) for k in r if k.startswith(keep)}} for r in rows if marker in r]
+
+
+def median_samples_per_s(rows: list[dict[str, Any]]) -> float:
+    """The median training samples/s over the logged rows, the first (warm-up) left out."""
+    import statistics
+
+    rates = [r["perf/samples_per_sec"] for r in rows if "perf/samples_per_sec" in r][1:]
+    return round(statistics.median(rates), 2)
+
+
 def machine() -> dict[str, Any]:
     import torch
 

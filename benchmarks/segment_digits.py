@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -45,18 +42,9 @@ TARGET = 0.85  # mIoU over the 10 digit classes
 BUDGET_S = 600  # within 10 minutes of training
 
 
-def composed(args: list[str]) -> Any:
-    out = subprocess.run([sys.executable, "-m", "lab", *args, "--cfg", "job", "--resolve"], cwd=REPO,
-                         capture_output=True, text=True, check=True).stdout
-    return OmegaConf.create(out)
-
-
 def lab_side(args: list[str], run_dir: Path) -> dict[str, Any]:
     rows, wall = record.run_lab(args, run_dir)
-    evals = [{"step": r["step"], "elapsed_s": round(r["perf/elapsed_s"], 1),
-              **{k.split("/", 1)[1]: round(r[k], 4) for k in r if k.startswith("eval/") and "seconds" not in k}}
-             for r in rows if "eval/miou" in r]
-    rates = [r["perf/samples_per_sec"] for r in rows if "perf/samples_per_sec" in r][1:]  # the first: warm-up
+    evals = record.evaluations(rows, "eval/miou", ("eval/miou", "eval/pixel_accuracy", "eval/mean_accuracy"))
     params = next(r["model/params"] for r in rows if "model/params" in r)
     hit = next((e for e in evals if e["miou_foreground"] >= TARGET), None)
     return {"command": " ".join(["python -m lab", *args]), "wall_s": round(wall, 1), "parameters": params,
@@ -64,7 +52,7 @@ def lab_side(args: list[str], run_dir: Path) -> dict[str, Any]:
             f"seconds_to_miou_{TARGET}": hit["elapsed_s"] if hit else None,
             f"step_to_miou_{TARGET}": hit["step"] if hit else None,
             "meets_target": bool(hit and hit["elapsed_s"] <= BUDGET_S),
-            "train_images_per_s_median": round(statistics.median(rates), 2)}
+            "train_images_per_s_median": record.median_samples_per_s(rows)}
 
 
 class MaskFolder(torch.utils.data.Dataset):
@@ -155,7 +143,7 @@ def main() -> None:
         figures["best_model"] = best
         figures["target_met_by_best"] = figures["models"][best]["meets_target"]
         if not args.no_plain:
-            cfg = composed([*base, f"model={best}"])
+            cfg = record.composed([*base, f"model={best}"])
             steps = int(cfg.trainer.max_steps or 0) or int(cfg.trainer.max_epochs) * (int(cfg.data.n_train)
                                                                                       // int(cfg.data.batch_size))
             figures["plain_loop"] = {"model": best, **plain_side(cfg, steps, args.workers, work)}

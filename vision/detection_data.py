@@ -502,7 +502,7 @@ def trees(root: str | Path, split: str, test_images: Sequence[str], tile_size: i
     return tile(det, tile_size, overlap, min_visible)
 
 
-def _split_dirs(root: Path) -> dict[str, Path] | None:
+def split_dirs(root: Path) -> dict[str, Path] | None:
     subs = {n: root / n for n in ("train", "test", "val") if (root / n).is_dir()}
     if "train" in subs and ("test" in subs or "val" in subs):
         return {"train": subs["train"], "test": subs.get("test") or subs["val"]}
@@ -512,7 +512,7 @@ def _split_dirs(root: Path) -> dict[str, Path] | None:
     return None
 
 
-def _fraction(entries: list[_Entry], split: str, fraction: float, seed: int, where: Path) -> list[_Entry]:
+def fraction_split(entries: list, split: str, fraction: float, seed: int, where: Path) -> list:
     """A fixed, seeded draw of `fraction` of the entries for "test", the rest for "train"."""
     if not 0 <= fraction < 1:
         raise LabError(f"data.test_fraction={fraction} must be in [0, 1)")
@@ -569,13 +569,13 @@ def _path(d: Mapping[str, Any]) -> Path:
 
 def _voc_config(d: Mapping[str, Any], split: str, skip_bad: bool, channels: int, limit: int | None) -> Detections:
     root = _path(d)
-    dirs = _split_dirs(root)
+    dirs = split_dirs(root)
     if dirs:
         by_split = {s: _voc_entries(*_voc_layout(p)) for s, p in dirs.items()}
         every, chosen = [*by_split["train"], *by_split["test"]], by_split[split]
     else:
         every = _voc_entries(*_voc_layout(root))
-        chosen = _fraction(every, split, float(d.get("test_fraction", 0.1)), int(d.get("seed") or 0), root)
+        chosen = fraction_split(every, split, float(d.get("test_fraction", 0.1)), int(d.get("seed") or 0), root)
     classes = tuple(str(c) for c in d.get("classes") or ()) or _names(every)
     if not classes:
         raise LabError(f"data.path={root} has no annotated <object>s; add some, or set data.classes")
@@ -584,7 +584,7 @@ def _voc_config(d: Mapping[str, Any], split: str, skip_bad: bool, channels: int,
 
 def _coco_config(d: Mapping[str, Any], split: str, skip_bad: bool, channels: int, limit: int | None) -> Detections:
     root = _path(d)
-    dirs = _split_dirs(root) if root.is_dir() else None
+    dirs = split_dirs(root) if root.is_dir() else None
     standard = _coco_standard(root) if root.is_dir() and not dirs else None
     if dirs or standard:
         files = ({s: (_coco_file(p), None) for s, p in dirs.items()} if dirs else standard)
@@ -599,7 +599,7 @@ def _coco_config(d: Mapping[str, Any], split: str, skip_bad: bool, channels: int
     else:
         path = _coco_file(root)
         entries, classes, problems = _coco_entries(path, None)
-        entries = _fraction(entries, split, float(d.get("test_fraction", 0.1)), int(d.get("seed") or 0), path)
+        entries = fraction_split(entries, split, float(d.get("test_fraction", 0.1)), int(d.get("seed") or 0), path)
         class_fix = "fix the file"
     if not classes:
         raise LabError(f"{path} has no categories; list the classes in its 'categories'")

@@ -25,7 +25,7 @@ an unreadable file each stop the run with one line naming the file.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ import torch
 from lab.data import IMAGE_SUFFIXES
 from lab.errors import LabError
 from vision import scenes
-from vision.detection_data import decode_image
+from vision.detection_data import decode_image, fraction_split, split_dirs
 
 IGNORE = 255
 
@@ -46,7 +46,6 @@ class Segmentations:
     masks: list[torch.Tensor]  # (H, W) uint8 each: class indices, IGNORE where nothing counts
     names: list[str]  # file stems (or scene numbers)
     classes: tuple[str, ...]
-    notes: list[str] = field(default_factory=list)
 
 
 def voc_palette(n: int = 256) -> list[int]:
@@ -116,13 +115,13 @@ def check(images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], names: 
                            "the mask")
 
 
-def _pairs(folder: Path) -> tuple[list[tuple[Path, Path | None]], str] | None:
-    """(image, mask or None) pairs of a folder in one of the two layouts, and the layout's name."""
-    for images, masks, layout in (("JPEGImages", "SegmentationClass", "voc"), ("images", "masks", "plain")):
+def _pairs(folder: Path) -> list[tuple[Path, Path | None]] | None:
+    """(image, mask or None) pairs of a folder in one of the two layouts; None when it has neither."""
+    for images, masks in (("JPEGImages", "SegmentationClass"), ("images", "masks")):
         if (folder / images).is_dir():
             found = {p.stem: p for p in (folder / masks).glob("*.png")} if (folder / masks).is_dir() else {}
             files = sorted(p for p in (folder / images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            return [(p, found.get(p.stem)) for p in files], layout
+            return [(p, found.get(p.stem)) for p in files]
     return None
 
 
@@ -149,8 +148,7 @@ def read_pairs(pairs: Sequence[tuple[Path, Path | None]], channels: int, num_cla
 def _split_pairs(folder: Path, split: str, test_fraction: float, seed: int) -> list[tuple[Path, Path | None]]:
     lists = folder / "ImageSets" / "Segmentation"
     if (lists / "train.txt").is_file():
-        found = _pairs(folder)
-        by_stem = {p.stem: (p, m) for p, m in (found[0] if found else [])}
+        by_stem = {p.stem: (p, m) for p, m in _pairs(folder) or []}
         other = next((lists / f for f in ("val.txt", "test.txt") if (lists / f).is_file()), None)
         listed = lists / "train.txt" if split == "train" else other
         if listed is None:
@@ -161,23 +159,13 @@ def _split_pairs(folder: Path, split: str, test_fraction: float, seed: int) -> l
             raise LabError(f"{listed}: image {missing[0]!r} is not in {folder / 'JPEGImages'} "
                            f"({len(missing)} missing); fix the list or add the images")
         return [by_stem[i] for i in ids]
-    tests = [folder / n for n in ("test", "val") if (folder / n).is_dir()]
-    if (folder / "train").is_dir() and tests:
-        found = _pairs(folder / "train" if split == "train" else tests[0])
-        if found is None:
-            raise LabError(f"{folder / split}: no images/ + masks/ or JPEGImages/ + SegmentationClass/ inside")
-        return found[0]
-    found = _pairs(folder)
-    if found is None:
-        raise LabError(f"data.path={folder}: no images/ + masks/ or JPEGImages/ + SegmentationClass/ folders (nor "
+    dirs = split_dirs(folder)
+    where = dirs[split] if dirs else folder
+    pairs = _pairs(where)
+    if pairs is None:
+        raise LabError(f"data.path={where}: no images/ + masks/ or JPEGImages/ + SegmentationClass/ folders (nor "
                        "train/ and test/ folders holding them); see docs/segmentation.md for the layouts")
-    pairs = found[0]
-    if len(pairs) < 2:
-        raise LabError(f"data.path={folder} holds {len(pairs)} image(s); a train and a test split need 2 or more")
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_test = max(1, round(len(pairs) * test_fraction))
-    chosen = sorted(order[:n_test]) if split == "test" else sorted(order[n_test:])
-    return [pairs[i] for i in chosen]
+    return pairs if dirs else fraction_split(pairs, split, test_fraction, seed, folder)
 
 
 def from_folder(path: str | Path, split: str, num_classes: int, classes: Sequence[str] | None = None,

@@ -184,6 +184,17 @@ class Segmentation(ImageTask):
         def pixels(s: segmentation_data.Segmentations) -> int:
             return sum(int((m != IGNORE).sum()) for m in s.masks)
 
+        self.class_weight = None
+        if self.show.get("class_weight") == "median_frequency":  # SegNet's: median class frequency / frequency
+            counts = sum(torch.bincount(m[m != IGNORE].long().flatten(), minlength=len(self.classes)).double()
+                         for m in self.train_set.masks)
+            freq = counts / counts.sum()
+            seen = freq > 0
+            w = torch.where(seen, freq[seen].median() / freq.clamp(min=1e-12), torch.zeros_like(freq))
+            self.class_weight = w.float().to(ctx.device)
+        elif self.show.get("class_weight") not in (None, "none"):
+            raise LabError(f"segmentation.class_weight={self.show.get('class_weight')!r} is unknown; use none or "
+                           "median_frequency")
         self.describe({"data/train_images": len(self.train_set.images), "data/test_images": len(self.test_set.images),
                        "data/train_pixels": pixels(self.train_set), "data/test_pixels": pixels(self.test_set)})
 
@@ -191,7 +202,7 @@ class Segmentation(ImageTask):
         images, masks = batch
         if self.ctx.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        loss = F.cross_entropy(self.model(images).float(), masks, ignore_index=IGNORE)
+        loss = F.cross_entropy(self.model(images).float(), masks, weight=self.class_weight, ignore_index=IGNORE)
         optim.step("model", loss)
         return {"loss": loss}
 

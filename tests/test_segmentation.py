@@ -14,7 +14,7 @@ import torch
 from conftest import run_lab_cases, short_run
 from lab.errors import LabError
 from vision import scenes, segmenters
-from vision.segmentation import augmentation, confusion, scores
+from vision.segmentation import augmentation, confusion, median_frequency_weights, scores
 from vision.segmentation_data import IGNORE, Segmentations, from_folder, read_mask, save_mask, write_folder
 
 
@@ -40,6 +40,14 @@ def _set(n: int, size: tuple[int, int] = (12, 10)) -> Segmentations:
     for m in masks:
         m[0, 0] = IGNORE
     return Segmentations(images, masks, [f"im{i}" for i in range(n)], ("bg", "a", "b"))
+
+
+def test_median_frequency_weights_are_segnets_and_skip_the_ignore_index() -> None:
+    masks = [torch.tensor([[0, 0, 0, 1], [0, 0, 2, 2]], dtype=torch.uint8), torch.tensor([[0, IGNORE, 2, 2]],
+                                                                                        dtype=torch.uint8)]
+    # frequencies: class 0 6/11, class 1 1/11, class 2 4/11, class 3 never; median of the seen ones 4/11
+    w = median_frequency_weights(masks, 4)
+    assert w.tolist() == pytest.approx([4 / 6, 4.0, 1.0, 0.0])
 
 
 def test_folder_readers_round_trip_both_layouts_and_name_bad_files(tmp_path: Path) -> None:

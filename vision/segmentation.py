@@ -133,6 +133,15 @@ def scores(conf: torch.Tensor, background: int | None = None) -> tuple[dict[str,
     return out, iou, acc
 
 
+def median_frequency_weights(masks: list[torch.Tensor], num_classes: int) -> torch.Tensor:
+    """SegNet's median frequency balancing: each class's weight is the median of the class pixel frequencies
+    over its own (ignored pixels not counted; a class with no pixel weighs 0)."""
+    counts = sum(torch.bincount(m[m != IGNORE].long().flatten(), minlength=num_classes).double() for m in masks)
+    freq = counts / counts.sum()
+    seen = freq > 0
+    return torch.where(seen, freq[seen].median() / freq.clamp(min=1e-12), torch.zeros_like(freq)).float()
+
+
 def overlay(image: torch.Tensor, mask: torch.Tensor, alpha: float = 0.6, skip: int | None = None) -> torch.Tensor:
     """An RGB uint8 copy of `image` with each class of `mask` painted in its VOC colour (the ignore index
     white; `skip`, e.g. the background, left unpainted)."""
@@ -185,13 +194,8 @@ class Segmentation(ImageTask):
             return sum(int((m != IGNORE).sum()) for m in s.masks)
 
         self.class_weight = None
-        if self.show.get("class_weight") == "median_frequency":  # SegNet's: median class frequency / frequency
-            counts = sum(torch.bincount(m[m != IGNORE].long().flatten(), minlength=len(self.classes)).double()
-                         for m in self.train_set.masks)
-            freq = counts / counts.sum()
-            seen = freq > 0
-            w = torch.where(seen, freq[seen].median() / freq.clamp(min=1e-12), torch.zeros_like(freq))
-            self.class_weight = w.float().to(ctx.device)
+        if self.show.get("class_weight") == "median_frequency":
+            self.class_weight = median_frequency_weights(self.train_set.masks, len(self.classes)).to(ctx.device)
         elif self.show.get("class_weight") not in (None, "none"):
             raise LabError(f"segmentation.class_weight={self.show.get('class_weight')!r} is unknown; use none or "
                            "median_frequency")

@@ -154,14 +154,25 @@ SCRIPTS: dict[str, str] = {
         "that holds half of it) at every evaluation; training images/s and wall seconds per side."),
     "segment_digits": (
         "Semantic segmentation of digit scenes (`segment_digits`: 1-3 overlapping MNIST digits on 64x64 "
-        "canvases, 11 classes: the background and the 10 digits; train scenes from the train digits, test scenes "
-        "from the test digits) with U-Net, SegNet and FCN (ResNet-18, FCN-8s skips), each a lab run of the same "
-        "data, optimizer and steps: parameters, every evaluation (mIoU over the 10 digit classes, mIoU with the "
+        "canvases, 11 classes: the background and the 10 digits; 10,000 train scenes from the train digits, 300 "
+        "test scenes from the test digits) with FCN (ResNet-18, skips from strides 2, 4, 8 and 16), U-Net and "
+        "SegNet, each a lab run of the same data and optimizer (AdamW, one-cycle to 1e-2) for the epochs its "
+        "`command` gives (the FCN 6; U-Net and SegNet, slower per image, fewer): "
+        "parameters, every evaluation (mIoU over the 10 digit classes, mIoU with the "
         "background, pixel accuracy; torchvision's confusion-matrix method) and the seconds of training until "
         "the digits' mIoU first reaches 0.85 (evaluations included, scene making excluded). Then the best model "
         "against a plain PyTorch loop: the same train scenes as PNG images and masks read per item by a "
         "`DataLoader` (`--workers`), the same model, optimizer, schedule and steps; its images/s and the same "
         "evaluation of the same test scenes."),
+    "text_topics": (
+        "Topic classification on Ana Cachopo's single-label splits of Reuters-21578 (R8: 8 topics, R52: 52) and 20 "
+        "Newsgroups, the splits of Yao et al. (2019, Text GCN), whose table 2 gives the anchors. The lab's best "
+        "text model (`--best` overrides of `text_reuters` / `text_20ng`) over several seeds: test accuracy (mean "
+        "and standard deviation), macro-F1, and the wall seconds of the whole command; the course notes' RNN "
+        "(`--rnn`, a bidirectional LSTM) once. In the same run, scikit-learn's TF-IDF (the lab's words, sublinear "
+        "tf) + logistic regression (C=10) on the same files, and a plain PyTorch loop for the same RNN: the same "
+        "vocabulary, model, optimizer, schedule and epochs, but a shuffled `DataLoader` padding every batch to its "
+        "longest text, where the lab batches texts of similar length."),
     "vision_fashion": (
         "A Fashion-MNIST preset of the lab (`fashion_cnn`: the book's deep CNN; `fashion_resnet`: the CIFAR "
         "ResNet-20) against a plain PyTorch loop written the way tutorials write it (torchvision's "
@@ -414,6 +425,20 @@ SPECS: dict[str, list[Any]] = {
             "plain_loop/train_images_per_s", "plain_loop/workers"),
         Row("images/s, lab over plain loop", "images_per_s_ratio_lab_over_plain"),
         Row("digits' mIoU, lab minus plain loop", "miou_lab_minus_plain"),
+    ],
+    "text_topics": [
+        Grid([("R8", "sets/r8"), ("R52", "sets/r52"), ("20NG", "sets/20ng")],
+             [("best model: test accuracy (mean over seeds)", "accuracy_mean"), ("sd", "accuracy_sd"),
+              ("macro-F1", "macro_f1_mean"), ("longest wall s", "wall_s_max"), ("meets target", "meets_target"),
+              ("TF-IDF + LR accuracy", "tfidf_logistic_regression/accuracy")]),
+        Grid([("R8", "sets/r8"), ("R52", "sets/r52"), ("20NG", "sets/20ng")],
+             [("RNN: test accuracy", "rnn/accuracy"), ("at least Bi-LSTM's", "rnn/at_least_bilstm_row"),
+              ("texts/s", "rnn/train_texts_per_s_median"), ("plain loop: accuracy", "plain_rnn_loop/accuracy"),
+              ("plain loop: texts/s", "plain_rnn_loop/train_texts_per_s"),
+              ("texts/s, lab over plain", "rnn_texts_per_s_ratio_lab_over_plain")]),
+        Row("targets (test accuracy)", "targets/r8", "targets/r52", "targets/20ng"),
+        Row("best model's overrides", "best_args"),
+        Row("RNN's overrides", "rnn_args"),
     ],
     "vision_fashion": [
         Row("experiment", "experiment"),
@@ -859,6 +884,10 @@ HEADLINES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
         f"held-out AP50 {_v(r, 'pretrained/final/map_50')} from a pretrained VGG16 (HED), "
         f"{_v(r, 'scratch/final/map_50')} from scratch")),
     "segment_digits": ("segment_digits", lambda r: _segment(r)),
+    "text_reuters": ("text_topics", lambda r: (
+        f"test accuracy R8 {_v(r, 'sets/r8/accuracy_mean')}, R52 {_v(r, 'sets/r52/accuracy_mean')}; the RNN "
+        f"{_v(r, 'sets/r8/rnn_texts_per_s_ratio_lab_over_plain')}x a plain loop's texts/s on R8")),
+    "text_20ng": ("text_topics", lambda r: f"test accuracy {_v(r, 'sets/20ng/accuracy_mean')}"),
     "dqn_pong": ("dqn_pong_gpu", _pong),
     "dcgan_mnist": ("dcgan_mnist", lambda r: (
         f"{_v(r, 'throughput_ratio')}x a pytorch/examples loop's images/s; FID {_v(r, 'final_fid/lab/mean')} vs "

@@ -104,7 +104,7 @@ def run(cfg: DictConfig) -> float | None:
     mode = str(cfg.get("mode", "train"))
     if mode not in MODES:
         raise LabError(f"mode={mode!r} is not a mode; use mode=train, mode=eval checkpoint=PATH, "
-                       "mode=generate checkpoint=PATH n=N or mode=predict checkpoint=PATH input=DIR")
+                       "mode=generate checkpoint=PATH n=N or mode=predict checkpoint=PATH input=PATH")
     if mode != "train" and not cfg.get("checkpoint"):
         raise LabError(f"mode={mode} needs checkpoint=PATH (a run's checkpoints/best.pt or last.pt)")
     t = cfg.trainer

@@ -47,3 +47,28 @@ def plot_curves(path: str | Path, x: str = "step"):
         ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+def confusion_figure(confusion, classes, label: str = "label"):
+    """A confusion matrix (rows: true class, columns: prediction) coloured by the share of its row, the counts
+    written where there are at most 20 classes; its title gives the accuracy."""
+    k = len(classes)
+    share = confusion.float() / confusion.sum(1, keepdim=True).clamp(min=1)
+    cell = min(0.5, 14 / k)  # 52 topics still fit one page
+    fig, ax = plt.subplots(figsize=(max(4.0, cell * k + 1.5), max(3.5, cell * k + 1)))
+    ax.imshow(share.numpy(), cmap="Blues", vmin=0, vmax=1)
+    size = 7 if k <= 20 else 4
+    ax.set_xticks(range(k), classes, rotation=60 if k <= 20 else 90, ha="right" if k <= 20 else "center",
+                  fontsize=size)
+    ax.set_yticks(range(k), classes, fontsize=size)
+    if k <= 20:
+        for r in range(k):
+            for c in range(k):
+                ax.text(c, r, str(confusion[r, c].item()), ha="center", va="center", fontsize=6,
+                        color="white" if share[r, c] > 0.5 else "black")
+    acc = confusion.diag().sum().item() / max(1, confusion.sum().item())
+    ax.set_xlabel("prediction")
+    ax.set_ylabel(label)
+    ax.set_title(f"confusion matrix (shares of each row), test accuracy {acc:.2%}", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -473,9 +473,9 @@ class Trainer:
         """`mode=predict`: load a checkpoint's task state and call `task.predict(folder)` (its outputs, as files)."""
         if not callable(getattr(task, "predict", None)):
             raise LabError(f"{type(task).__name__} has no predict(folder) method: mode=predict is for tasks that "
-                           "label new inputs (detection)")
+                           "label new inputs (detection, segmentation, text)")
         if not folder:
-            raise LabError("mode=predict needs input=DIR, a folder of inputs")
+            raise LabError("mode=predict needs input=PATH: a folder of images, or a text file for a text model")
         out = self._from_checkpoint(task, path, lambda: task.predict(Path(str(folder))))
         return self.logger.summary({"checkpoint": str(path), "status": "predicted", **out})
 

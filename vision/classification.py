@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from lab import augment, data
 from lab.config import build
 from lab.optim import build_optimizer, build_scheduler
-from lab.plots import plt
+from lab.plots import confusion_figure, plt
 from lab.task import RunContext, Task
 from vision import transfer
 
@@ -105,27 +105,8 @@ class Classification(Task):
     def close(self) -> None:
         if self.confusion is not None:
             step, confusion = self.confusion
-            self.ctx.logger.log_image("eval/confusion_matrix", self._confusion_figure(confusion), step=step)
+            self.ctx.logger.log_image("eval/confusion_matrix", confusion_figure(confusion, self.classes), step=step)
             self.confusion = None
-
-    def _confusion_figure(self, confusion: torch.Tensor):
-        """Rows: true class; columns: prediction; colour: share of the row; counts written when few classes."""
-        k = len(self.classes)
-        share = confusion.float() / confusion.sum(1, keepdim=True).clamp(min=1)
-        fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * k + 1.5), max(3.5, 0.5 * k + 1)))
-        ax.imshow(share.numpy(), cmap="Blues", vmin=0, vmax=1)
-        if k <= 20:
-            ax.set_xticks(range(k), self.classes, rotation=60, ha="right", fontsize=7)
-            ax.set_yticks(range(k), self.classes, fontsize=7)
-            for r in range(k):
-                for c in range(k):
-                    ax.text(c, r, str(confusion[r, c].item()), ha="center", va="center", fontsize=6,
-                            color="white" if share[r, c] > 0.5 else "black")
-        acc = confusion.diag().sum().item() / max(1, confusion.sum().item())
-        ax.set_xlabel("prediction")
-        ax.set_ylabel("label")
-        ax.set_title(f"confusion matrix, test accuracy {acc:.2%}", fontsize=9)
-        return fig
 
     def _grid(self, images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor, n: int = 36, cols: int = 6):
         """One figure of up to n misclassified images, each titled 'label → prediction'."""

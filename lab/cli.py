@@ -45,7 +45,7 @@ def experiments() -> list[str]:
 
 
 FAMILIES = {"agents": "Reinforcement learning (agents/)", "generative": "Generative models (generative/)",
-            "vision": "Vision (vision/)"}
+            "vision": "Vision (vision/)", "text": "Text (text/)"}
 
 
 def describe_experiments() -> dict[str, list[tuple[str, str]]]:

@@ -50,6 +50,13 @@ def _small(name: str, tmp_path: Path) -> list[str]:
                 "model.random_init=true"]
     if name == "xor_mlp":
         return []
+    if name in ("text_reuters", "text_20ng"):
+        return ["data.n_train=64", "data.n_test=64", "data.batch_size=16"]
+    if name == "text_folder":  # topic<TAB>text files in their real format
+        (tmp_path / "texts").mkdir()
+        for split in ("train", "test"):
+            (tmp_path / "texts" / f"{split}.txt").write_text("earn\tprofit rose\nacq\tbuys the unit\n")
+        return [f"data.path={tmp_path / 'texts'}", "data.batch_size=2"]
     small = ["data.subset=64", "data.test_subset=64", "data.batch_size=16"]
     if name == "dcgan_cifar10":
         _cifar10(tmp_path / "cifar")
@@ -138,7 +145,8 @@ def test_inheriting_experiments_differ_only_where_they_say() -> None:
 
 def test_listing_groups_experiments_by_family_with_their_descriptions() -> None:
     groups = describe_experiments()
-    assert set(groups) == {"Reinforcement learning (agents/)", "Generative models (generative/)", "Vision (vision/)"}
+    assert set(groups) == {"Reinforcement learning (agents/)", "Generative models (generative/)", "Vision (vision/)",
+                           "Text (text/)"}
     names = {n for g in groups.values() for n, _ in g}
     assert names == set(experiments())
     rl = dict(groups["Reinforcement learning (agents/)"])

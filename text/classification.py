@@ -11,7 +11,6 @@ size, the share of unknown words and of texts cut at `max_len`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +170,3 @@ class TextClassification(Task):
         return {"texts": len(texts), "predictions": str(out),
                 "topics": {c: n for c, n in zip(self.classes, counts) if n}}
 
-
-def vocabulary_of(run_dir: Path) -> data.Vocabulary:
-    """The vocabulary a run wrote (`vocab.json`)."""
-    return data.Vocabulary(json.loads((Path(run_dir) / "vocab.json").read_text())["words"])

@@ -254,8 +254,10 @@ class RunLogger:
         self._media(key, "Video", path, step, format="mp4")
         return path
 
-    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int | None = None) -> Path | None:
-        """Save a table as CSV."""
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int | None = None,
+                  images: list[Any] | None = None) -> Path | None:
+        """Save a table as CSV. `images` (one per row: HWC/CHW array or tensor) become a first column of
+        `wandb.Image`s in W&B; the CSV keeps the other columns."""
         if not self.enabled:
             return None
         import csv
@@ -269,6 +271,12 @@ class RunLogger:
         if self.wandb is not None:
             import wandb
 
+            if images is not None:
+                try:
+                    columns, rows = ["picture", *columns], [[wandb.Image(media.to_uint8_hwc(x)), *r]
+                                                           for x, r in zip(images, rows)]
+                except Exception as e:  # noqa: BLE001 - e.g. wandb[media] extras missing
+                    _notice(f"W&B images for {key} skipped ({e}); the table goes without them.")
             self._wandb_log({"step": step, key: wandb.Table(columns=columns, data=rows)})
         return path
 

@@ -4,6 +4,7 @@ exist is refused in one line."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 from pathlib import Path
@@ -39,6 +40,23 @@ def _folder(root: Path) -> None:
             Image.fromarray(np.full((64, 64, 3), value + i, np.uint8)).save(root / label / f"{i}.png")
 
 
+def _coco_captions(root: Path) -> None:
+    """COCO captions in their real layout: annotations/captions_{train,val}2017.json beside train2017/ and val2017/."""
+    from PIL import Image
+
+    for split in ("train2017", "val2017"):
+        (root / split).mkdir(parents=True)
+        images, notes = [], []
+        for i in range(4):
+            Image.fromarray(np.full((48, 64, 3), 30 * i, np.uint8)).save(root / split / f"{i:012d}.jpg")
+            images.append({"id": i, "file_name": f"{i:012d}.jpg", "width": 64, "height": 48})
+            notes += [{"id": 10 * i + k, "image_id": i, "caption": f"a grey square number {i} seen {k}"}
+                      for k in range(2)]
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"captions_{split}.json").write_text(json.dumps({"images": images,
+                                                                                 "annotations": notes}))
+
+
 def _small(name: str, tmp_path: Path) -> list[str]:
     """Overrides that keep each experiment's build small (data, envs, buffers) without touching its optimizer."""
     if name.startswith(("dqn_", "sb3_")):
@@ -69,7 +87,10 @@ def _small(name: str, tmp_path: Path) -> list[str]:
 
         assert scenes.main([str(tmp_path / "voc"), "--n", "20", "--size", "64", "--root", str(DATA)]) == 0
         return [f"data.path={tmp_path / 'voc'}", "data.test_fraction=0.25", "data.batch_size=4"]
-    if name in ("detect_digits", "segment_digits"):
+    if name == "caption_folder":
+        _coco_captions(tmp_path / "coco")
+        return [f"data.path={tmp_path / 'coco'}", "data.image_size=64", "data.batch_size=2", "data.min_freq=1"]
+    if name in ("detect_digits", "segment_digits", "caption_digits"):
         return ["data.n_train=32", "data.n_test=8", "data.batch_size=4"]
     if name == "segment_folder":  # images/ + masks/ in their real layout, written by `python -m lab scenes`
         from vision import scenes

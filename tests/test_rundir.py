@@ -159,23 +159,23 @@ def _report(name: str, result: dict) -> None:
 
 def test_kill_nine_anywhere_classifier(tmp_path: Path) -> None:
     args = [*QUIET, "+experiment=mnist_cnn", "data.subset=500", "data.test_subset=200", "data.batch_size=50",
-            "trainer.max_epochs=30", "trainer.eval_every=20", "trainer.log_every=5", "trainer.checkpoint_every=5",
+            "trainer.max_epochs=16", "trainer.eval_every=20", "trainer.log_every=5", "trainer.checkpoint_every=5",
             "trainer.deterministic=true", "trainer.precision=32", "trainer.device=cpu", "trainer.num_threads=1"]
-    result = _kill_nine(tmp_path, args, kills=6, seed=0)
+    result = _kill_nine(tmp_path, args, kills=4, seed=11)  # aims: in the 3rd save, elsewhere, elsewhere, in a save
     _report("mnist_cnn", result)
-    assert len(result["landed"]) == 6 and "inside a save" in result["landed"] and "elsewhere" in result["landed"]
+    assert len(result["landed"]) == 4 and "inside a save" in result["landed"] and "elsewhere" in result["landed"]
     _same_run(result["run"], result["straight"])
 
 
 def test_kill_nine_anywhere_dqn_cartpole_with_its_replay(tmp_path: Path) -> None:
     args = [*QUIET, "+experiment=dqn_cartpole", "agent.save_replay=true", "agent.video=false",
-            "agent.total_timesteps=6000", "agent.num_envs=2", "agent.train_frequency=8", "agent.gradient_steps=2",
+            "agent.total_timesteps=4000", "agent.num_envs=2", "agent.train_frequency=8", "agent.gradient_steps=2",
             "agent.batch_size=32", "agent.learning_starts=400", "agent.buffer_size=4000", "agent.eval_every=2000",
             "agent.eval_episodes=2", "agent.eval_num_envs=1", "agent.log_every=400", "agent.target_update_interval=200",
             "trainer.checkpoint_every=25", "trainer.deterministic=true"]
-    result = _kill_nine(tmp_path, args, kills=6, seed=1)
+    result = _kill_nine(tmp_path, args, kills=4, seed=3)  # aims: in the 3rd save, elsewhere, in a save, in a save
     _report("dqn_cartpole", result)
-    assert len(result["landed"]) == 6 and "inside a save" in result["landed"] and "elsewhere" in result["landed"]
+    assert len(result["landed"]) == 4 and "inside a save" in result["landed"] and "elsewhere" in result["landed"]
     _same_run(result["run"], result["straight"])
 
 

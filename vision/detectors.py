@@ -35,6 +35,7 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 from lab.config import build
 from lab.errors import LabError
 from vision import transfer
+from vision.resnet import CifarResNet
 
 
 def _layers(model: nn.Module) -> list[nn.Module]:
@@ -42,11 +43,13 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     if isinstance(model, ResNet):
         return [model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2, model.layer3,
                 model.layer4]
+    if isinstance(model, CifarResNet):
+        return [model.conv1, model.bn1, nn.ReLU(inplace=True), model.layer1, model.layer2, model.layer3]
     features = getattr(model, "features", None)
     if isinstance(features, nn.Sequential):
         return [m for m in features if not isinstance(m, (nn.Flatten, nn.Identity))]
     raise LabError(f"model.backbone {type(model).__name__} does not run its layers in sequence; use "
-                   "vision.resnet.resnet18/34/50, vision.vgg.VGG or vision.deep_cnn.DeepCNN")
+                   "vision.resnet.resnet18/20/34/50/56, vision.vgg.VGG or vision.deep_cnn.DeepCNN")
 
 
 class Body(nn.Module):

@@ -17,6 +17,10 @@ by greedy search and by beam search, then the better of them against a plain PyT
    the same steps, the same loss and clipping; then the same greedy decoding and scoring of the same test
    scenes. The ratio is the lab's training images/s over the loop's.
 
+The encoder starts from the lab's `mnist_cnn` trained for `--pretrain-epochs` (1) on the MNIST train digits,
+as NIC starts from a trained CNN; those wall seconds count towards the 10 minutes. Both models and the plain
+loop load the same checkpoint.
+
 Writes benchmarks/results/<name>.json (default caption_digits).
 """
 
@@ -44,10 +48,22 @@ MODELS = {"nic": ["model.attention=false"], "attention": ["model.attention=true"
 KEEP = ("eval/bleu", "eval/cider", "eval/digits_right", "eval/relation_right", "eval/exact", "eval/logprob")
 
 
-def lab_side(args: list[str], work: Path) -> dict[str, Any]:
+def pretrain(epochs: int, work: Path, extra: list[str]) -> dict[str, Any]:
+    """The encoder's start, as NIC starts from a trained CNN: the lab's `mnist_cnn` (the book's CNN on the MNIST
+    train digits, the scenes' own source) for `epochs`; its wall seconds count towards the budget."""
+    args = ["+experiment=mnist_cnn", "logger=none", "trainer.progress=false", f"trainer.max_epochs={epochs}", *extra]
+    rows, wall = record.run_lab(args, work / "encoder")
+    return {"command": " ".join(["python -m lab", *args]), "wall_s": round(wall, 1),
+            "test_accuracy": round(next(r["eval/accuracy"] for r in reversed(rows) if "eval/accuracy" in r), 4),
+            "checkpoint": str(work / "encoder" / "checkpoints" / "best.pt")}
+
+
+def lab_side(args: list[str], work: Path, before_s: float) -> dict[str, Any]:
     run = work / "run"
     rows, wall = record.run_lab(args, run)
     evals = record.evaluations(rows, "eval/bleu4", KEEP)
+    for e in evals:  # seconds from the start of the encoder's pretraining
+        e["elapsed_s_with_pretraining"] = round(e["elapsed_s"] + before_s, 1)
     hit = next((e for e in evals if e["bleu4"] >= BLEU4 and e["digits_right"] >= DIGITS), None)
     beam_rows, _ = record.run_lab([*args, "mode=eval", f"checkpoint={run / 'checkpoints' / 'last.pt'}",
                                    "decode.beam_size=3"], work / "beam3")
@@ -56,8 +72,9 @@ def lab_side(args: list[str], work: Path) -> dict[str, Any]:
             "parameters": next(r["model/params"] for r in rows if "model/params" in r),
             "evaluations": evals, "final_greedy": evals[-1],
             "final_beam3": {k.split("/", 1)[1]: round(beam[k], 4) for k in beam if k.startswith(KEEP)},
-            "seconds_to_targets": hit["elapsed_s"] if hit else None, "step_to_targets": hit["step"] if hit else None,
-            "meets_targets": bool(hit and hit["elapsed_s"] <= BUDGET_S),
+            "seconds_to_targets": hit["elapsed_s_with_pretraining"] if hit else None,
+            "step_to_targets": hit["step"] if hit else None,
+            "meets_targets": bool(hit and hit["elapsed_s_with_pretraining"] <= BUDGET_S),
             "train_images_per_s_median": record.median_samples_per_s(rows)}
 
 
@@ -159,6 +176,9 @@ def main() -> None:
     ap.add_argument("--no-plain", action="store_true", help="skip the plain loop")
     ap.add_argument("--lab-args", nargs="*", default=[], help="extra overrides for every run")
     ap.add_argument("--workers", type=int, default=1, help="the plain loop's DataLoader workers")
+    ap.add_argument("--pretrain-epochs", type=int, default=1,
+                    help="epochs of mnist_cnn for the encoder's start (0: the encoder from scratch)")
+    ap.add_argument("--pretrain-args", nargs="*", default=[], help="extra overrides for the encoder's pretraining")
     ap.add_argument("--name", default="caption_digits")
     args = ap.parse_args()
     base = ["+experiment=caption_digits", "logger=none", "trainer.progress=false", *args.lab_args]
@@ -166,8 +186,13 @@ def main() -> None:
                                "lab_args": args.lab_args, "models": {}}
     with tempfile.TemporaryDirectory(prefix="lab-cap-") as tmp:
         work = Path(tmp)
+        before_s = 0.0
+        if args.pretrain_epochs:
+            figures["pretraining"] = pretrain(args.pretrain_epochs, work, args.pretrain_args)
+            base.append(f"model.weights={figures['pretraining']['checkpoint']}")
+            before_s = figures["pretraining"]["wall_s"]
         for m in args.models:
-            figures["models"][m] = lab_side([*base, *MODELS[m]], work / m)
+            figures["models"][m] = lab_side([*base, *MODELS[m]], work / m, before_s)
             print(json.dumps({m: figures["models"][m]["final_greedy"]}), flush=True)
             record.write(args.name, {**figures, "complete": False})
         best = max(figures["models"], key=lambda m: figures["models"][m]["final_greedy"]["digits_right"])

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import DATA, run_lab_cases, short_run
+from lab.errors import LabError
 from text.data import tokenize
 from vision import captioners, scene_captions, scenes
 from vision.captioners import BOS, EOS, PAD
@@ -166,3 +167,22 @@ def test_a_short_caption_digits_run_learns_then_evaluates_and_predicts(tmp_path:
     assert all(r.split("\t")[1] for r in rows[1:])
     summary = json.loads((ev / "summary.json").read_text())
     assert summary["eval/bleu4"] == pytest.approx(max(r["eval/bleu4"] for r in evals), abs=1e-6)  # best.pt's own
+
+
+def test_the_encoder_loads_a_lab_classifiers_weights_and_can_stay_frozen(tmp_path: Path) -> None:
+    from vision.resnet import resnet20
+
+    torch.manual_seed(3)
+    classifier = resnet20(in_channels=1, image_size=16, width=8)
+    torch.save(classifier.state_dict(), tmp_path / "weights.pt")
+    enc = {"_target_": "vision.resnet.resnet20", "width": 8}
+    model = captioners.NIC(12, 1, enc, image_size=16, level=4, embed=16, hidden=24,
+                           weights=str(tmp_path / "weights.pt"), freeze=True)
+    conv = model.body.layers[0]
+    assert torch.equal(conv.weight, classifier.conv1.weight)
+    assert not any(p.requires_grad for p in model.body.parameters())
+    assert all(p.requires_grad for p in model.lstm.parameters())
+    # model.encoder=NAME takes a zoo model's own config (conf/model/NAME.yaml); anything else is one line
+    assert captioners.NIC(12, 1, "resnet20", image_size=16, level=4).grid == (4, 4)
+    with pytest.raises(LabError, match="model.encoder=lstm is not a lab classifier"):
+        captioners.NIC(12, 1, "lstm", image_size=16, level=4)

@@ -219,3 +219,24 @@ def test_capability_flags_are_checked_once_before_the_task_is_built(tmp_path: Pa
         check_task(Lonely, RunContext(cpu, DistInfo(), logger, tmp_path, 0, precision="bf16"))
     assert run_precision("auto", cpu, Lonely) == "32" and "Lonely trains in float32" in capsys.readouterr().out
     check_task(TwoPhase, RunContext(cpu, ddp, logger, tmp_path, 0, precision="bf16"))  # no flags: anything goes
+
+
+def test_a_one_cycle_schedule_of_a_few_steps_still_cycles_and_fewer_than_three_is_one_line() -> None:
+    from omegaconf import OmegaConf
+
+    from lab.errors import LabError
+    from lab.optim import build_scheduler
+
+    cfg = OmegaConf.create({"name": "onecycle", "pct_start": 0.2})
+    for steps in (3, 5, 9):  # pct_start * steps = 1 or less: torch's warm-up would be zero steps long
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.AdamW([p], lr=1e-2)
+        sched = build_scheduler(cfg, opt, steps)
+        lrs = []
+        for _ in range(steps):
+            lrs.append(opt.param_groups[0]["lr"])  # the rate this step trains with
+            opt.step()
+            sched.step()
+        assert max(lrs) == pytest.approx(1e-2) and lrs[0] < 1e-3 and lrs[-1] < 1e-4, (steps, lrs)
+    with pytest.raises(LabError, match="needs at least 3 steps"):
+        build_scheduler(cfg, torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-2), 2)

@@ -3,8 +3,10 @@
 - `NIC` (Vinyals et al., Show and Tell): the encoder's map, flattened (or averaged) and projected, is the
   LSTM's first input; then the words, teacher-forced in training.
 - `NIC(attention=True)` (Xu et al., Show, Attend and Tell): the LSTM starts from the averaged map; at every
-  word a soft attention over the map's positions gives a context vector (gated by the state) that joins the
-  word's embedding as input. The attention weights of every word come back for plotting.
+  word a soft attention over the map's positions (their features plus a learned embedding of where they are,
+  `positions`) gives a context vector (gated by the state) that joins the word's embedding as input; the
+  paper's deep output (`deep_output`) predicts the word from the state, the context and the last word. The
+  attention weights of every word come back for plotting.
 
 Both decode through one interface, `start(images) -> state` and `step(tokens, state) -> (log-probs, state,
 attention)`, on which `greedy` and `beam_search` run (batched over images, and over beams). Word ids: `PAD`,
@@ -26,19 +28,40 @@ PAD, UNK, BOS, EOS = 0, 1, 2, 3
 State = dict[str, torch.Tensor]  # every tensor batch-first, so beams reorder with one index
 
 
+def encoder_spec(encoder: Any) -> Any:
+    """`model.encoder`: a classifier config (`{_target_: vision.resnet.resnet20, width: 16}`), or the name of a
+    lab zoo model (`resnet20`, `resnet18`, `vgg11`, `deep_cnn`: its conf/model/NAME.yaml without its own
+    transfer keys, since `model.weights` and `model.freeze` load and freeze the encoder)."""
+    if not isinstance(encoder, str):
+        return encoder
+    from omegaconf import OmegaConf
+
+    from lab.cli import CONF_DIR
+
+    path = CONF_DIR / "model" / f"{encoder}.yaml"
+    spec = OmegaConf.load(path) if path.is_file() else None
+    if spec is None or not str(spec.get("_target_", "")).startswith(("vision.resnet.", "vision.vgg.",
+                                                                      "vision.deep_cnn.")):
+        raise LabError(f"model.encoder={encoder} is not a lab classifier; use resnet18, resnet20, resnet34, "
+                       "resnet50, resnet56, vgg11..vgg19(_bn), deep_cnn, or a {_target_: ...} config")
+    return OmegaConf.create({k: v for k, v in spec.items() if k not in ("weights", "freeze", "arch")})
+
+
 class NIC(nn.Module):
-    """Encoder (`encoder`: a lab classifier config, cut at stride `level`) + LSTM decoder (module docstring)."""
+    """Encoder (`encoder`: a lab classifier's config or name, cut at stride `level`) + LSTM decoder (module
+    docstring)."""
 
     def __init__(self, vocab_size: int, in_channels: int, encoder: Any, image_size: int = 64, level: int = 16,
                  embed: int = 256, hidden: int = 512, dropout: float = 0.3, attention: bool = False,
-                 attention_dim: int = 256, pool: str = "flatten", weights: str | None = None,
+                 attention_dim: int = 256, positions: bool = True, deep_output: bool = True,
+                 pool: str = "flatten", weights: str | None = None,
                  freeze: bool | int = False, image_mean: Sequence[float] | None = None,
                  image_std: Sequence[float] | None = None):
         super().__init__()
         if pool not in ("flatten", "mean"):
             raise LabError(f"model.pool={pool!r} is unknown; use flatten (keeps where things are) or mean")
-        self.body, (channels,) = make_body(encoder, in_channels, image_size, [int(level)], weights, freeze,
-                                           single=True)
+        self.body, (channels,) = make_body(encoder_spec(encoder), in_channels, image_size, [int(level)], weights,
+                                           freeze, single=True)
         with torch.no_grad():
             was = self.body.training
             h, w = self.body.eval()(torch.zeros(1, in_channels, image_size, image_size)).shape[-2:]
@@ -53,8 +76,14 @@ class NIC(nn.Module):
         self.register_buffer("std", std, persistent=False)
         self.embed = nn.Embedding(vocab_size, embed, padding_idx=PAD)
         self.drop = nn.Dropout(dropout)
-        self.out = nn.Linear(hidden, vocab_size)
+        self.deep_output = bool(attention and deep_output)
+        self.out = nn.Linear(embed if self.deep_output else hidden, vocab_size)
         if self.attention:
+            # where each map position is, learned and added to its features (the map alone barely says it)
+            self.positions = nn.Parameter(torch.randn(1, h * w, channels) * 0.02) if positions else None
+            if self.deep_output:  # the paper's deep output: the word from the state, the context and the last word
+                self.deep_h = nn.Linear(hidden, embed)
+                self.deep_z = nn.Linear(channels, embed)
             self.init_h = nn.Linear(channels, hidden)
             self.init_c = nn.Linear(channels, hidden)
             self.att_feat = nn.Linear(channels, attention_dim)
@@ -77,6 +106,8 @@ class NIC(nn.Module):
         fmap = self.encode(images)
         if self.attention:
             feats = fmap.flatten(2).transpose(1, 2)  # (B, L, C)
+            if self.positions is not None:
+                feats = feats + self.positions
             mean = feats.mean(1)
             return {"h": torch.tanh(self.init_h(mean)), "c": torch.tanh(self.init_c(mean)), "feats": feats,
                     "keys": self.att_feat(feats)}
@@ -97,7 +128,8 @@ class NIC(nn.Module):
             alpha = alpha.squeeze(-1).softmax(-1)  # (B, L)
             context = torch.sigmoid(self.gate(state["h"])) * (alpha.unsqueeze(-1) * state["feats"]).sum(1)
             h, c = self.cell(torch.cat([x, context], -1), (state["h"], state["c"]))
-            return self.out(self.drop(h)), {**state, "h": h, "c": c}, alpha
+            o = x + self.deep_h(h) + self.deep_z(context) if self.deep_output else h
+            return self.out(self.drop(o)), {**state, "h": h, "c": c}, alpha
         o, (h, c) = self.lstm(x.unsqueeze(1), (state["h"].transpose(0, 1).contiguous(),
                                                state["c"].transpose(0, 1).contiguous()))
         return self.out(self.drop(o[:, 0])), {"h": h.transpose(0, 1), "c": c.transpose(0, 1)}, None

@@ -93,7 +93,8 @@ class NIC(nn.Module):
             self.cell = nn.LSTMCell(embed + channels, hidden)
         else:
             flat = channels * (h * w if pool == "flatten" else 1)
-            self.project = nn.Sequential(nn.Linear(flat, embed), nn.ReLU())
+            # the image's embedding, layer-normalised: a raw conv map's scale would saturate the LSTM's gates
+            self.project = nn.Sequential(nn.Linear(flat, embed), nn.LayerNorm(embed))
             self.lstm = nn.LSTM(embed, hidden, batch_first=True)
 
     # ---- encoder -------------------------------------------------------------------------------

@@ -103,7 +103,6 @@ class CaptionLoader:
                  device: torch.device, seed: int = 0, rank: int = 0, world_size: int = 1):
         self.images = images.to(device)
         flat = [c for caps in captions for c in caps]
-        self.owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
         self.first = torch.tensor([0, *torch.tensor([len(c) for c in captions]).cumsum(0).tolist()[:-1]])
         self.count = torch.tensor([len(c) for c in captions])
         self.ids = torch.full((len(flat), max(len(c) for c in flat)), PAD, dtype=torch.long)

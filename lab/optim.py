@@ -44,11 +44,10 @@ def build_scheduler(cfg: DictConfig | None, optimizer: torch.optim.Optimizer, to
                            "optimizer.lr instead")
         group = optimizer.defaults
         has_momentum = group.get("momentum", 0) > 0 or "betas" in group  # never add momentum to plain SGD
-        if total_steps < 3:
-            raise LabError(f"scheduler.name=onecycle needs at least 3 steps, the run has {total_steps}; train longer "
-                           "or set scheduler.name=none")
-        # each phase at least a step long (torch divides by the warm-up's length): a short run keeps a real cycle
-        pct = min(max(float(cfg.get("pct_start", 0.25)), 2 / total_steps), 1 - 1 / total_steps)
+        # torch divides by the warm-up's length, zero when pct_start * steps = 1 (5 steps at 0.2): from 3 steps on,
+        # each phase lasts at least a step; a run of 1 or 2 steps (a smoke test) starts past the warm-up
+        pct = float(cfg.get("pct_start", 0.25))
+        pct = min(max(pct, 2 / total_steps), 1 - 1 / total_steps) if total_steps >= 3 else min(pct, 0.4 / total_steps)
         return S.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps,
                             pct_start=pct, div_factor=cfg.get("div_factor", 25.0),
                             final_div_factor=cfg.get("final_div_factor", 1e4),

@@ -140,8 +140,8 @@ def test_a_short_caption_digits_run_learns_then_evaluates_and_predicts(tmp_path:
     run, env, losses, evals = short_run(tmp_path, TINY, "eval/bleu4")
     assert losses[-1] < 0.35 * losses[0], losses
     last = evals[-1]
-    # one caption for every scene scores at best BLEU-4 0.24 and CIDEr 0.73 on these test scenes (measured over
-    # several); 150 steps learn the grammar (measured 0.39 and 1.19), which digits takes longer
+    # one caption for every scene scores up to BLEU-4 0.24 and CIDEr 0.73 on these test scenes (the best of four
+    # such captions tried); 150 steps learn more than the grammar (measured 0.39 and 1.19)
     assert last["eval/bleu4"] > 0.3 and last["eval/cider"] > 0.9, last
     media = {f.name.rsplit("_", 1)[0] for f in (run / "media").iterdir()}
     assert {"eval_captions", "eval_attention_0"} <= media, media

@@ -221,10 +221,9 @@ def test_capability_flags_are_checked_once_before_the_task_is_built(tmp_path: Pa
     check_task(TwoPhase, RunContext(cpu, ddp, logger, tmp_path, 0, precision="bf16"))  # no flags: anything goes
 
 
-def test_a_one_cycle_schedule_of_a_few_steps_still_cycles_and_fewer_than_three_is_one_line() -> None:
+def test_a_one_cycle_schedule_of_a_few_steps_still_cycles() -> None:
     from omegaconf import OmegaConf
 
-    from lab.errors import LabError
     from lab.optim import build_scheduler
 
     cfg = OmegaConf.create({"name": "onecycle", "pct_start": 0.2})
@@ -238,5 +237,9 @@ def test_a_one_cycle_schedule_of_a_few_steps_still_cycles_and_fewer_than_three_i
             opt.step()
             sched.step()
         assert max(lrs) == pytest.approx(1e-2) and lrs[0] < 1e-3 and lrs[-1] < 1e-4, (steps, lrs)
-    with pytest.raises(LabError, match="needs at least 3 steps"):
-        build_scheduler(cfg, torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-2), 2)
+    for steps in (1, 2):  # a smoke test's run: no warm-up left, but it runs
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
+        sched = build_scheduler(cfg, opt, steps)
+        for _ in range(steps):
+            opt.step()
+            sched.step()

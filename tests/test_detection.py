@@ -113,7 +113,10 @@ def test_lab_backbones_in_torchvisions_detectors(tmp_path: Path) -> None:
     with pytest.raises(LabError, match="one list of sizes per map"):
         detectors.faster_rcnn(10, 1, resnet, image_size=64, levels=[8, 16], anchor_sizes=[[32]])
     with pytest.raises(LabError, match="does not run its layers in sequence"):
-        detectors.faster_rcnn(10, 1, {"_target_": "vision.resnet.resnet20"}, image_size=64)
+        detectors.faster_rcnn(10, 1, {"_target_": "vision.googlenet.GoogLeNet"}, image_size=64)
+    small = detectors.faster_rcnn(10, 1, {"_target_": "vision.resnet.resnet20", "width": 8}, image_size=64,
+                                  levels=[2, 4], anchor_sizes=[[16], [32]], min_size=64, max_size=64)  # strides 1, 2, 4
+    assert set(small(images, targets)) == set(losses)
 
     # model.weights: a lab classifier's checkpoint (the trainer's {"task": {"model.<name>": ...}}) loads the backbone
     from vision.deep_cnn import DeepCNN

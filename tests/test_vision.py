@@ -23,9 +23,9 @@ from vision import transfer
 from vision.resnet import resnet18
 from vision.vgg import VGG
 
-MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml")  # the classifiers (vision/); detectors
-                if "_target_: vision." in p.read_text()                   # and segmenters: test_detection.py and
-                and not re.search(r"vision\.(detectors|segmenters)\.", p.read_text()))  # test_segmentation.py
+MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml")  # the classifiers (vision/); detectors,
+                if "_target_: vision." in p.read_text()                   # segmenters and captioners: their own
+                and not re.search(r"vision\.(detectors|segmenters|captioners)\.", p.read_text()))  # test files
 OPTIMIZERS = sorted(p.stem for p in (REPO / "conf" / "optimizer").glob("*.yaml")  # torch's (lbfgs: the lab's
                     if "_target_: torch.optim." in p.read_text())                   # one-step L-BFGS for images)
 TINY = ["logger=none", "trainer.progress=false", "trainer.num_threads=1", "data.subset=64", "data.test_subset=64",

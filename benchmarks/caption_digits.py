@@ -200,8 +200,7 @@ def main() -> None:
         figures["targets_met_by_best"] = figures["models"][best]["meets_targets"]
         if not args.no_plain:
             cfg = record.composed([*base, *MODELS[best]])
-            steps = int(cfg.trainer.max_steps or 0) or int(cfg.trainer.max_epochs) * (int(cfg.data.n_train)
-                                                                                      // int(cfg.data.batch_size))
+            steps = record.planned_steps(cfg)
             figures["plain_loop"] = {"model": best, **plain_side(cfg, steps, args.workers, work)}
             lab = figures["models"][best]
             figures["images_per_s_ratio_lab_over_plain"] = round(

@@ -153,8 +153,7 @@ def main() -> None:
     args = ap.parse_args()
     lab_args = ["+experiment=detect_digits", "logger=none", "trainer.progress=false", *args.lab_args]
     cfg = record.composed(lab_args)
-    steps = int(cfg.trainer.max_steps or 0) or int(cfg.trainer.max_epochs) * (int(cfg.data.n_train)
-                                                                              // int(cfg.data.batch_size))
+    steps = record.planned_steps(cfg)
     figures: dict[str, Any] = {"targets": TARGETS, "steps": steps, "batch_size": int(cfg.data.batch_size),
                                "model": OmegaConf.to_container(cfg.model), "data": OmegaConf.to_container(cfg.data)}
     with tempfile.TemporaryDirectory(prefix="lab-detect-") as tmp:

@@ -848,11 +848,16 @@ def _v(rec: dict[str, Any], path: str) -> str:
     return fmt(v)
 
 
+def _when(rec: dict[str, Any], path: str, reached: str, missed: str) -> str:
+    """"<reached> after N s" from the record's seconds at `path`, or `missed` when it holds none."""
+    seconds = get(rec, path)
+    return f"{reached} after {fmt(seconds)} s" if seconds not in (None, MISSING) else missed
+
+
 def _segment(rec: dict[str, Any]) -> str:
     """The best model's digits' mIoU and its seconds to the target (or that it did not reach it)."""
     best = f"models/{rec.get('best_model')}"
-    seconds = get(rec, f"{best}/seconds_to_miou_0.85")
-    when = f"0.85 after {fmt(seconds)} s" if seconds not in (None, MISSING) else "0.85 not reached"
+    when = _when(rec, f"{best}/seconds_to_miou_0.85", "0.85", "0.85 not reached")
     return (f"digits' test mIoU {_v(rec, best + '/final/miou_foreground')} ({rec.get('best_model')}); {when} on a "
             f"{_v(rec, 'machine/cores')}-core CPU")
 
@@ -860,8 +865,7 @@ def _segment(rec: dict[str, Any]) -> str:
 def _caption(rec: dict[str, Any]) -> str:
     """The best captioner's BLEU-4 and digits' share (greedy), and its seconds to both targets."""
     best = f"models/{rec.get('best_model')}"
-    seconds = get(rec, f"{best}/seconds_to_targets")
-    when = f"both after {fmt(seconds)} s" if seconds not in (None, MISSING) else "targets not met"
+    when = _when(rec, f"{best}/seconds_to_targets", "both", "targets not met")
     return (f"test BLEU-4 {_v(rec, best + '/final_greedy/bleu4')}, right digits "
             f"{_v(rec, best + '/final_greedy/digits_right')} ({rec.get('best_model')}); {when}")
 

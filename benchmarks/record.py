@@ -38,6 +38,13 @@ def composed(args: list[str]) -> Any:
     return OmegaConf.create(out)
 
 
+def planned_steps(cfg: Any) -> int:
+    """The optimizer steps a composed scene-set run trains: trainer.max_steps, else epochs of n_train // batch_size
+    (what a plain loop beside it must match)."""
+    return int(cfg.trainer.max_steps or 0) or int(cfg.trainer.max_epochs) * (int(cfg.data.n_train)
+                                                                           // int(cfg.data.batch_size))
+
+
 def evaluations(rows: list[dict[str, Any]], marker: str, keep: tuple[str, ...]) -> list[dict[str, Any]]:
     """The rows holding `marker` as {step, elapsed_s, <metric>: value} with the metrics whose names start with
     one of `keep` (their "eval/" dropped, values to 4 places)."""

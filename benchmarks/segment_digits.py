@@ -149,8 +149,7 @@ def main() -> None:
             cfg = record.composed([*base, f"model={best}", *MODEL_ARGS.get(best, [])])
             if cfg.segmentation.class_weight not in (None, "none"):
                 raise SystemExit("the plain loop has no class weights; run it with segmentation.class_weight=none")
-            steps = int(cfg.trainer.max_steps or 0) or int(cfg.trainer.max_epochs) * (int(cfg.data.n_train)
-                                                                                      // int(cfg.data.batch_size))
+            steps = record.planned_steps(cfg)
             figures["plain_loop"] = {"model": best, **plain_side(cfg, steps, args.workers, work)}
             lab = figures["models"][best]
             figures["images_per_s_ratio_lab_over_plain"] = round(

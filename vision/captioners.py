@@ -119,9 +119,7 @@ class NIC(nn.Module):
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State, torch.Tensor | None]:
         """tokens (B,) -> log-probabilities (B, V) of the next word, the new state, attention (B, L) or None."""
         logits, state, alpha = self._step(self.embed(tokens), state)
-        logits = logits.float()
-        logits[:, [PAD, BOS]] = float("-inf")  # never written: padding and the start word
-        return logits.log_softmax(-1), state, alpha
+        return _word_logprobs(logits), state, alpha
 
     def _step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State, torch.Tensor | None]:
         if self.attention:
@@ -241,10 +239,15 @@ def sequence_logprob(model: NIC, images: torch.Tensor, captions: Sequence[Sequen
         seq = torch.tensor([BOS, *c, EOS], device=images.device)
         inputs[i, : len(c) + 1], targets[i, : len(c) + 1] = seq[:-1], seq[1:]
     logits, alphas = model(images, inputs)
-    logits = logits.float()
-    logits[..., [PAD, BOS]] = float("-inf")  # as `step` scores them
-    logp = logits.log_softmax(-1).gather(2, targets.unsqueeze(2)).squeeze(2)
+    logp = _word_logprobs(logits).gather(2, targets.unsqueeze(2)).squeeze(2)
     return torch.where(targets != PAD, logp, 0.0).sum(1).cpu(), None if alphas is None else alphas.cpu()
+
+
+def _word_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of the next word; padding and the start word are never written."""
+    logits = logits.float()
+    logits[..., [PAD, BOS]] = float("-inf")
+    return logits.log_softmax(-1)
 
 
 def _only_eos(logp: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ from omegaconf import DictConfig
 from lab import io
 from lab.config import build
 from lab.errors import LabError
+from lab.media import to_uint8_hwc
 from lab.plots import plt
 from lab.task import RunContext
 from text.data import SPECIALS, Vocabulary, tokenize
@@ -158,7 +159,7 @@ class Captioning(ImageTask):
         self.loader = CaptionLoader(train.images, encoded, int(d.batch_size), ctx.device, ctx.seed,
                                     ctx.dist.rank, ctx.dist.world_size)
         self.eval_batch_size = int(d.get("eval_batch_size", 100))
-        self.classes, self.image_size = train.classes, int(train.images.shape[-1])
+        self.image_size = int(train.images.shape[-1])
         unknown_share = sum(i == 1 for caps in encoded for c in caps for i in c) / max(
             1, sum(len(c) - 2 for caps in encoded for c in caps))
         self.describe({"data/train_images": len(train.images), "data/test_images": len(self.test.images),
@@ -248,7 +249,7 @@ class Captioning(ImageTask):
             ax.axis("off")
         for i in range(n):
             ax = axes.flat[i]
-            ax.imshow(_hwc(self.test.images[i]), cmap="gray", vmin=0, vmax=255)
+            ax.imshow(to_uint8_hwc(self.test.images[i]), cmap="gray", vmin=0, vmax=255)
             ax.set_title(_wrap(" ".join(words[i])) + "\n(truth: " + _wrap(self.test.captions[i][0]) + ")",
                          fontsize=7)
         fig.tight_layout()
@@ -265,7 +266,7 @@ class Captioning(ImageTask):
         h, w = self.model.grid
         steps = [*words, "<end>"]
         fig, axes = plt.subplots(1, len(steps), figsize=(1.6 * len(steps), 1.9), squeeze=False)
-        image = _hwc(self.test.images[i])
+        image = to_uint8_hwc(self.test.images[i])
         for ax, word, a in zip(axes.flat, steps, alpha):
             heat = F.interpolate(a.view(1, 1, h, w).float(), size=image.shape[:2], mode="bilinear",
                                  align_corners=False)[0, 0]
@@ -292,11 +293,6 @@ class Captioning(ImageTask):
             f"{f.name}\t{' '.join(w)}\t{s:.4f}\n" for f, w, s in zip(files, words, logp.tolist())))
         print(f"[lab] {len(files)} images captioned: {out}", flush=True)
         return {"images": len(files), "captions": str(out)}
-
-
-def _hwc(image: torch.Tensor) -> Any:
-    x = image.permute(1, 2, 0).numpy()
-    return x[..., 0] if x.shape[-1] == 1 else x
 
 
 def _wrap(text: str, width: int = 40) -> str:

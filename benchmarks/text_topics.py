@@ -4,10 +4,12 @@ course notes' RNN, against scikit-learn's TF-IDF + logistic regression and a pla
     python benchmarks/text_topics.py                         # every set, every side
     python benchmarks/text_topics.py --sets r8 --seeds 0     # one set, one seed
 
-1. The lab: `python -m lab +experiment=text_reuters|text_20ng model=M logger=none trainer.progress=false` per
-   seed (the best model, `--best`) and once for the RNN (`--rnn`); test accuracy and macro-F1 at the end,
-   wall seconds of the whole process, median training texts/s.
-2. scikit-learn: `TfidfVectorizer` (the lab's words, sublinear tf) + `LogisticRegression` on the same files.
+1. The lab: its best model, `python -m lab +experiment=text_reuters_svm|text_20ng_svm logger=none
+   trainer.progress=false` (a linear SVM on TF-IDF; `--best` adds overrides) per seed, and once the notes' RNN,
+   `+experiment=text_reuters|text_20ng` with `--rnn`; test accuracy and macro-F1 at the end, wall seconds of
+   the whole process, median training texts/s.
+2. scikit-learn: `TfidfVectorizer` (the lab's words, sublinear tf) + `LogisticRegression` (the table's TF-IDF
+   row) and + `LinearSVC` (C=1, the objective the lab's best model optimises), on the same files.
 3. A plain loop for the RNN: the same vocabulary, model, optimizer, schedule and epochs, but a shuffled
    `DataLoader` whose `collate_fn` pads every batch to its longest text, as tutorials do; the lab batches
    texts of similar length (text/data.py's BucketLoader). The ratio is the lab's training texts/s over the
@@ -35,8 +37,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import record  # noqa: E402
 
-SETS = {"r8": ("text_reuters", ["data.subset=r8"]), "r52": ("text_reuters", ["data.subset=r52"]),
-        "20ng": ("text_20ng", [])}
+SETS = {"r8": ("text_reuters_svm", "text_reuters", ["data.subset=r8"]),  # best model's, RNN's experiment
+        "r52": ("text_reuters_svm", "text_reuters", ["data.subset=r52"]),
+        "20ng": ("text_20ng_svm", "text_20ng", [])}
 TARGETS = {"r8": 0.975, "r52": 0.940, "20ng": 0.85}  # test accuracy of the lab's best model
 BILSTM = {"r8": 0.9631, "r52": 0.9054, "20ng": 0.7318}  # Yao et al. 2019, table 2: the RNN's bar
 BUDGET_S = 180
@@ -51,22 +54,27 @@ def lab_run(args: list[str], run_dir: Path) -> dict[str, Any]:
             "vocab_size": info["data/vocab_size"], "unknown_share_test": round(info["data/unknown_share_test"], 4)}
 
 
-def tfidf_lr(cfg: Any) -> dict[str, Any]:
+def tfidf_peers(cfg: Any) -> dict[str, dict[str, Any]]:
+    """TF-IDF of the lab's words (every training word) + logistic regression (C=10) and + LinearSVC (C=1)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import LinearSVC
 
     from text import data
 
     train = data.from_config(cfg.data, "train")
     test = data.from_config(cfg.data, "test", classes=train.classes)
-    t0 = time.perf_counter()
-    vec = TfidfVectorizer(analyzer=lambda words: words, sublinear_tf=True)
-    x = vec.fit_transform(train.tokens)
-    clf = LogisticRegression(C=10.0, max_iter=1000).fit(x, train.labels)
-    pred = clf.predict(vec.transform(test.tokens))
-    acc = float((pred == torch.tensor(test.labels).numpy()).mean())
-    return {"accuracy": round(acc, 4), "train_s": round(time.perf_counter() - t0, 1), "C": 10.0,
-            "features": x.shape[1]}
+    out = {}
+    for name, clf in (("tfidf_logistic_regression", LogisticRegression(C=10.0, max_iter=1000)),
+                      ("tfidf_linear_svc", LinearSVC(C=1.0))):
+        t0 = time.perf_counter()
+        vec = TfidfVectorizer(analyzer=lambda words: words, sublinear_tf=True)
+        x = vec.fit_transform(train.tokens)
+        pred = clf.fit(x, train.labels).predict(vec.transform(test.tokens))
+        acc = float((pred == torch.tensor(test.labels).numpy()).mean())
+        out[name] = {"accuracy": round(acc, 4), "train_s": round(time.perf_counter() - t0, 1), "C": clf.C,
+                     "features": x.shape[1]}
+    return out
 
 
 def plain_rnn(cfg: Any) -> dict[str, Any]:
@@ -120,7 +128,8 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     ap.add_argument("--best", nargs="*", default=[], help="overrides naming the lab's best model (default: the "
                                                            "experiment's own)")
-    ap.add_argument("--rnn", nargs="*", default=["model=lstm", "model.bidirectional=true"],
+    ap.add_argument("--rnn", nargs="*", default=["model=lstm", "model.bidirectional=true", "model.pool=max",
+                                                 "optimizer.lr=1e-2"],
                     help="overrides for the notes' RNN")
     ap.add_argument("--no-peers", action="store_true", help="skip scikit-learn and the plain loop")
     ap.add_argument("--name", default="text_topics")
@@ -130,8 +139,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lab-text-") as tmp:
         work = Path(tmp)
         for name in args.sets:
-            experiment, extra = SETS[name]
+            experiment, rnn_experiment, extra = SETS[name]
             base = [f"+experiment={experiment}", "logger=none", "trainer.progress=false", *extra]
+            rnn_base = [f"+experiment={rnn_experiment}", *base[1:]]
             out: dict[str, Any] = {"command": " ".join(["python -m lab", *base, *args.best]), "seeds": {}}
             for s in args.seeds:
                 out["seeds"][s] = lab_run([*base, *args.best, f"seed={s}"], work / f"{name}_{s}")
@@ -142,19 +152,20 @@ def main() -> None:
             out["macro_f1_mean"] = round(statistics.mean(r["macro_f1"] for r in out["seeds"].values()), 4)
             out["wall_s_max"] = max(r["wall_s"] for r in out["seeds"].values())
             out["meets_target"] = out["accuracy_mean"] >= TARGETS[name] and out["wall_s_max"] <= BUDGET_S
-            rnn_args = [*base, *args.rnn]
+            rnn_args = [*rnn_base, *args.rnn]
             out["rnn"] = {"command": " ".join(["python -m lab", *rnn_args]),
                           **lab_run([*rnn_args, "seed=0"], work / f"{name}_rnn")}
             out["rnn"]["at_least_bilstm_row"] = out["rnn"]["accuracy"] >= BILSTM[name]
             print(json.dumps({name: {"rnn": out["rnn"]}}), flush=True)
             if not args.no_peers:
-                out["tfidf_logistic_regression"] = tfidf_lr(record.composed(base))
+                out.update(tfidf_peers(record.composed(base)))
                 plain = plain_rnn(record.composed(rnn_args))
                 out["plain_rnn_loop"] = plain
                 out["rnn_texts_per_s_ratio_lab_over_plain"] = round(
                     out["rnn"]["train_texts_per_s_median"] / plain["train_texts_per_s"], 3)
                 out["rnn_accuracy_lab_minus_plain"] = round(out["rnn"]["accuracy"] - plain["accuracy"], 4)
-                print(json.dumps({name: {k: out[k] for k in ("tfidf_logistic_regression", "plain_rnn_loop")}}),
+                print(json.dumps({name: {k: out[k] for k in ("tfidf_logistic_regression", "tfidf_linear_svc",
+                                                              "plain_rnn_loop")}}),
                       flush=True)
             figures["sets"][name] = out
             record.write(args.name, {**figures, "complete": False})

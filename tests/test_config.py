@@ -68,7 +68,7 @@ def _small(name: str, tmp_path: Path) -> list[str]:
                 "model.random_init=true"]
     if name == "xor_mlp":
         return []
-    if name in ("text_reuters", "text_20ng"):
+    if name in ("text_reuters", "text_20ng", "text_reuters_svm", "text_20ng_svm"):
         return ["data.n_train=64", "data.n_test=64", "data.batch_size=16"]
     if name == "text_folder":  # topic<TAB>text files in their real format
         (tmp_path / "texts").mkdir()

@@ -165,3 +165,50 @@ def test_the_tfidf_bag_sees_what_scikit_learns_tfidf_vectorizer_makes() -> None:
         w = model.embed.weight[order]
         expected = model.head(x @ w)
         assert torch.allclose(model(ids, lengths), expected, atol=1e-5)
+
+
+def test_the_linear_tfidf_bag_scores_as_a_linear_model_on_scikit_learns_features() -> None:
+    """embed_dim=null: scores = TF-IDF(text) @ W + b, and a term no training text has (7 here) weighs nothing,
+    as TfidfVectorizer.transform drops it."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    train, test = [[2, 3, 3, 5], [2, 4], [4, 4, 6, 2, 3]], [[3, 7, 7, 4], [7]]
+    model = models.bag(vocab_size=8, num_classes=3, embed_dim=None, weighting="tfidf")
+    assert not model.embed.weight.any()  # a linear SVM starts at zero
+    model.fit_idf(data.pad(train)[0])
+    with torch.no_grad():
+        model.embed.weight.normal_()
+        model.head.bias.normal_()
+    vec = TfidfVectorizer(analyzer=lambda t: [str(i) for i in t], sublinear_tf=True).fit(train)
+    order = [int(w) for w in vec.get_feature_names_out()]
+    x = torch.tensor(vec.transform(test).toarray(), dtype=torch.float32)
+    with torch.no_grad():
+        expected = x @ model.embed.weight[order] + model.head.bias
+        assert torch.allclose(model(*data.pad(test)), expected, atol=1e-5)
+    assert model.idf[7] == 0 and torch.equal(model(*data.pad([[7]])), model.head.bias[None].detach())
+    with pytest.raises(LabError, match="no hidden layer"):
+        models.bag(vocab_size=8, num_classes=3, embed_dim=None, hidden=True)
+
+
+def test_a_short_r8_svm_run_learns_and_predicts_scores(tmp_path: Path) -> None:
+    """text_reuters_svm: one-vs-rest squared hinge on every word's TF-IDF, two epochs."""
+    args = ["+experiment=text_reuters_svm", "logger=none", "trainer.progress=false", "trainer.max_epochs=2",
+            "trainer.eval_every=100000"]
+    run, _, losses, evals = short_run(tmp_path, args, "eval/accuracy")
+    assert losses[-1] < 0.3 * losses[0], losses
+    assert evals[-1]["eval/accuracy"] > 0.95, evals[-1]  # measured 0.972 (10 epochs: 0.975)
+    info = next(r for r in read_metrics(run) if "data/vocab_size" in r)
+    assert info["data/unknown_share_train"] == 0 and info["data/cut_share_train"] == 0  # every word, whole texts
+    table = sorted((run / "media").glob("eval_misclassified_*.csv"))[-1].read_text().splitlines()
+    assert table[0] == "text (first words),topic,prediction,score"
+    inbox = tmp_path / "news.txt"
+    inbox.write_text("shr profit net revenues dividend quarter\nwheat grain tonnes export corn harvest\n")
+    pred = tmp_path / "pred"
+    predicted, smoothed = run_lab_cases(tmp_path, [
+        [*args, "mode=predict", f"checkpoint={run / 'checkpoints' / 'best.pt'}", f"input={inbox}",
+         f"hydra.run.dir={pred}"],
+        [*args, "label_smoothing=0.1", f"hydra.run.dir={tmp_path / 'smoothed'}"]])
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    rows = (pred / "predictions.tsv").read_text().splitlines()
+    assert rows[0] == "line\ttopic\tscore" and [r.split("\t")[1] for r in rows[1:]] == ["earn", "grain"]
+    assert smoothed.returncode != 0 and "label_smoothing=0.1 applies to loss=cross_entropy only" in smoothed.stderr

@@ -1,12 +1,14 @@
-"""Text classification: a topic per document, cross-entropy on word ids batched by length on the device.
+"""Text classification: a topic per document, cross-entropy (or a squared hinge) on word ids batched by length
+on the device.
 
 Config: `data` (text/data.py: the files, `vocab_size`, `min_freq`, `max_len`, `batch_size`, `bucket_pool`),
 `model` (text/models.py: `rnn`, `text_cnn` or `bag`; built with vocab_size and num_classes), `optimizer`,
-`scheduler`, `label_smoothing`. The vocabulary comes from the training split only; it is saved in every
-checkpoint (and as `vocab.json` in the run directory), so `mode=eval` and `mode=predict` read text exactly as
-training did. Logs test accuracy and macro-F1 (torchmetrics); each evaluation a table of misclassified test
-texts; the confusion matrix (CSV every evaluation; the last one as a row-normalised PNG); once, the vocabulary
-size, the share of unknown words and of texts cut at `max_len`.
+`scheduler`, `loss` (cross_entropy, or squared_hinge: one-vs-rest, as LinearSVC), `label_smoothing`. The
+vocabulary comes from the training split only; it is saved in every checkpoint (and as `vocab.json` in the run
+directory), so `mode=eval` and `mode=predict` read text exactly as training did. Logs test accuracy and
+macro-F1 (torchmetrics); each evaluation a table of misclassified test texts; the confusion matrix (CSV every
+evaluation; the last one as a row-normalised PNG); once, the vocabulary size, the share of unknown words and of
+texts cut at `max_len`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from lab.optim import build_optimizer, build_scheduler
 from lab.plots import confusion_figure
 from lab.task import RunContext, Task
 from text import data
+
+LOSSES = ("cross_entropy", "squared_hinge")
 
 
 class TextClassification(Task):
@@ -63,7 +67,8 @@ class TextClassification(Task):
             print(f"[lab] {len(train.labels):,} training and {len(test.labels):,} test texts, {len(self.classes)} "
                   f"topics; vocabulary {len(self.vocab):,} of {words:,} training words; unknown words "
                   f"{self.info['data/unknown_share_train']:.1%} of training and {self.unknown_test:.1%} of test "
-                  f"tokens; {cut:.1%} of training texts cut at {self.max_len} words", flush=True)
+                  f"tokens; " + (f"{cut:.1%} of training texts cut at {self.max_len} words" if self.max_len
+                                        else "texts kept whole (data.max_len=null)"), flush=True)
             for split, s in (("training", train), ("test", test)):
                 if s.skipped:
                     print(f"[lab] skipped {split} lines (data.skip_bad): "
@@ -72,6 +77,13 @@ class TextClassification(Task):
             io.write_text(ctx.run_dir / "model.txt", f"{self.model}\n\nparameters: {params:,}\n")
             io.write_json(ctx.run_dir / "vocab.json", {"classes": list(self.classes), "words": self.vocab.words})
         self.confusion: tuple[int, torch.Tensor] | None = None
+        self.loss = str(cfg.get("loss", "cross_entropy"))
+        self.smoothing = float(cfg.get("label_smoothing", 0.0))
+        if self.loss not in LOSSES:
+            raise LabError(f"loss={self.loss!r} is unknown; use one of {', '.join(LOSSES)}")
+        if self.loss == "squared_hinge" and self.smoothing:
+            raise LabError(f"label_smoothing={self.smoothing} applies to loss=cross_entropy only; set "
+                           "label_smoothing=0 for loss=squared_hinge")
 
     def _encode_test(self) -> None:
         encoded = [self.vocab.encode(t, self.max_len) for t in self.test_docs.tokens]
@@ -101,19 +113,31 @@ class TextClassification(Task):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], optim) -> dict:
         ids, lengths, labels = batch
         logits = self.model(ids, lengths).float()
-        loss = F.cross_entropy(logits, labels, label_smoothing=float(self.cfg.get("label_smoothing", 0.0)))
+        loss = self.criterion(logits, labels)
         optim.step("model", loss)
         return {"loss": loss, "accuracy": (logits.argmax(1) == labels).float().mean()}
 
+    def criterion(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.loss == "cross_entropy":
+            return F.cross_entropy(scores, labels, label_smoothing=self.smoothing)
+        target = F.one_hot(labels, scores.shape[1]).float() * 2 - 1  # +1 for the topic, -1 for every other
+        return F.relu(1 - target * scores).square().sum(1).mean()
+
+    @property
+    def confidence(self) -> str:
+        """What `classify` gives per topic: a softmax probability, or for a hinge loss the raw margin score."""
+        return "probability" if self.loss == "cross_entropy" else "score"
+
     def classify(self, encoded: list[list[int]]) -> torch.Tensor:
-        """(N, classes) probabilities, the texts batched longest first so each batch pads little."""
+        """(N, classes) probabilities (`loss=squared_hinge`: scores), the texts batched longest first so each
+        batch pads little."""
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         probs = torch.empty(len(encoded), len(self.classes))
         for i in range(0, len(order), self.eval_batch_size):
             idx = order[i: i + self.eval_batch_size]
             ids, lengths = data.pad([encoded[j] for j in idx])
             logits = self.model(ids.to(self.ctx.device), lengths.to(self.ctx.device)).float()
-            probs[idx] = logits.softmax(1).cpu()
+            probs[idx] = (logits.softmax(1) if self.loss == "cross_entropy" else logits).cpu()
         return probs
 
     def evaluate(self) -> dict:
@@ -124,7 +148,8 @@ class TextClassification(Task):
         k, y = len(self.classes), self.test_labels
         probs = self.classify(self.test_encoded)
         pred = probs.argmax(1)
-        loss = F.nll_loss(probs.clamp(min=1e-12).log(), y).item()
+        loss = (F.nll_loss(probs.clamp(min=1e-12).log(), y) if self.loss == "cross_entropy"
+                else self.criterion(probs, y)).item()
         confusion = torch.bincount(y * k + pred, minlength=k * k).view(k, k)
         f1 = multiclass_f1_score(pred, y, num_classes=k, average="macro").item()
         self.confusion = (self.ctx.logger.step, confusion)  # drawn once, for the last evaluation, by close()
@@ -132,7 +157,7 @@ class TextClassification(Task):
                                   [[c, *row] for c, row in zip(self.classes, confusion.tolist())])
         wrong = (pred != y).nonzero().flatten()[: int(self.cfg.get("misclassified_rows", 50))].tolist()
         self.ctx.logger.log_table(
-            "eval/misclassified", ["text (first words)", "topic", "prediction", "probability"],
+            "eval/misclassified", ["text (first words)", "topic", "prediction", self.confidence],
             [[" ".join(self.test_docs.tokens[i][:30]), self.classes[y[i]], self.classes[pred[i]],
               round(float(probs[i, pred[i]]), 4)] for i in wrong])
         return {"loss": loss, "accuracy": (pred == y).float().mean().item(), "macro_f1": f1}
@@ -149,7 +174,7 @@ class TextClassification(Task):
 
     def predict(self, path: Path) -> dict[str, Any]:
         """Label every line of the text file `path` (one text a line): <run dir>/predictions.tsv holds the line
-        number, the predicted topic and its probability."""
+        number, the predicted topic and its probability (`loss=squared_hinge`: its score)."""
         path = Path(path).expanduser()
         if not path.is_file():
             raise LabError(f"input={path} is not a file; pass input=FILE, a text file with one text a line")
@@ -160,7 +185,7 @@ class TextClassification(Task):
             raise LabError(f"input={path} holds no words; write one text a line")
         probs = self.classify([self.vocab.encode(t, self.max_len) for _, t in texts])
         best, pred = probs.max(1)
-        rows = ["line\ttopic\tprobability", *(f"{n}\t{self.classes[p]}\t{b:.4f}"
+        rows = [f"line\ttopic\t{self.confidence}", *(f"{n}\t{self.classes[p]}\t{b:.4f}"
                                               for (n, _), p, b in zip(texts, pred.tolist(), best.tolist()))]
         out = self.ctx.run_dir / "predictions.tsv"
         io.write_text(out, "\n".join(rows) + "\n")

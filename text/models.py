@@ -106,18 +106,26 @@ def text_cnn(vocab_size: int, num_classes: int, embed_dim: int = 128, kernel_siz
 
 
 class BagOfEmbeddings(nn.Module):
-    def __init__(self, vocab_size: int, num_classes: int, embed_dim: int = 64, bigram_buckets: int = 0,
+    def __init__(self, vocab_size: int, num_classes: int, embed_dim: int | None = 64, bigram_buckets: int = 0,
                  weighting: str = "mean", hidden: bool = False, dropout: float = 0.0):
         super().__init__()
         if weighting not in ("mean", "tfidf"):
             raise LabError(f"model.weighting={weighting!r} is unknown; use mean or tfidf")
+        if embed_dim is None and (hidden or dropout):
+            raise LabError("model.embed_dim=null is a linear model on the bag (a score per topic and term), which "
+                           "has no hidden layer or dropout; set model.hidden=false and model.dropout=0, or give "
+                           "an embed_dim")
         self.vocab_size, self.buckets, self.hidden = vocab_size, int(bigram_buckets), bool(hidden)
         self.weighting = weighting
-        self.embed = nn.EmbeddingBag(vocab_size + self.buckets, embed_dim, mode="mean" if weighting == "mean" else
-                                     "sum", padding_idx=PAD)
+        self.embed = nn.EmbeddingBag(vocab_size + self.buckets, embed_dim or num_classes,
+                                     mode="mean" if weighting == "mean" else "sum", padding_idx=PAD)
         self.register_buffer("idf", torch.ones(vocab_size + self.buckets))
         self.drop = nn.Dropout(dropout)
-        self.head = nn.Linear(embed_dim, num_classes)
+        if embed_dim is None:  # linear: each term's row holds its topic scores; zeros, as a linear SVM starts
+            nn.init.zeros_(self.embed.weight)
+            self.head: nn.Module = Bias(num_classes)
+        else:
+            self.head = nn.Linear(embed_dim, num_classes)
 
     def terms(self, ids: torch.Tensor) -> torch.Tensor:
         """The words' ids and, with bigram buckets, the word pairs' (hashed after the vocabulary); PAD elsewhere."""
@@ -138,12 +146,13 @@ class BagOfEmbeddings(nn.Module):
     @torch.no_grad()
     def fit_idf(self, ids: torch.Tensor, batch: int = 512) -> None:
         """Inverse document frequencies from the training texts' ids (N, T), as scikit-learn's smoothed idf:
-        ln((1 + N) / (1 + df)) + 1."""
+        ln((1 + N) / (1 + df)) + 1; 0 for a term no training text has (a test text's new bigram, `<unk>` when
+        nothing is cut), so that it neither scores nor dilutes the others' weights, as scikit-learn drops it."""
         df = torch.zeros_like(self.idf)
         for i in range(0, len(ids), batch):
             terms, first = self._distinct(self.terms(ids[i: i + batch].to(self.idf.device)))
             df.index_add_(0, terms[first], torch.ones(int(first.sum()), device=df.device))
-        self.idf.copy_(torch.log((1 + len(ids)) / (1 + df)) + 1)
+        self.idf.copy_(torch.where(df > 0, torch.log((1 + len(ids)) / (1 + df)) + 1, 0.0))
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         terms = self.terms(ids)
@@ -158,10 +167,24 @@ class BagOfEmbeddings(nn.Module):
         return self.head(self.drop(F.relu(z) if self.hidden else z))
 
 
-def bag(vocab_size: int, num_classes: int, embed_dim: int = 64, bigram_buckets: int = 0, weighting: str = "mean",
-        hidden: bool = False, dropout: float = 0.0) -> BagOfEmbeddings:
+class Bias(nn.Module):
+    """Adds a learned bias per output (the linear bag's intercepts)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias
+
+
+def bag(vocab_size: int, num_classes: int, embed_dim: int | None = 64, bigram_buckets: int = 0,
+        weighting: str = "mean", hidden: bool = False, dropout: float = 0.0) -> BagOfEmbeddings:
     """fastText (`hidden=false`: linear in the bag of words and bigrams), or with `hidden=true` a ReLU on the
     bag's embedding before the output layer: a wide one-hidden-layer MLP on the bag of words (Galke and Scherp,
     2022). `weighting=tfidf` sums the distinct terms' embeddings weighted by their TF-IDF (scikit-learn's with
-    sublinear tf: (1 + ln count) x idf, L2-normalised), instead of averaging every word's."""
+    sublinear tf: (1 + ln count) x idf, L2-normalised), instead of averaging every word's. `embed_dim=null`
+    makes it linear in the bag itself (a score per topic and term, plus a bias): with `weighting=tfidf`, the
+    task's `loss=squared_hinge` and an L2 penalty of 1/N (`optimizer=adam`, `weight_decay`), that is the
+    objective of scikit-learn's LinearSVC at C=1."""
     return BagOfEmbeddings(vocab_size, num_classes, embed_dim, bigram_buckets, weighting, hidden, dropout)

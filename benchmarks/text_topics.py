@@ -128,8 +128,8 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     ap.add_argument("--best", nargs="*", default=[], help="overrides naming the lab's best model (default: the "
                                                            "experiment's own)")
-    ap.add_argument("--rnn", nargs="*", default=["model=lstm", "model.bidirectional=true", "model.pool=max",
-                                                 "optimizer.lr=1e-2"],
+    ap.add_argument("--rnn", nargs="*", default=["model=lstm", "model.bidirectional=true", "model.hidden=128",
+                                                 "model.pool=max", "optimizer.lr=1e-2"],
                     help="overrides for the notes' RNN")
     ap.add_argument("--no-peers", action="store_true", help="skip scikit-learn and the plain loop")
     ap.add_argument("--name", default="text_topics")

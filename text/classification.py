@@ -38,6 +38,13 @@ class TextClassification(Task):
 
     def __init__(self, cfg: DictConfig, ctx: RunContext):
         super().__init__(cfg, ctx)
+        self.loss = str(cfg.get("loss", "cross_entropy"))
+        self.smoothing = float(cfg.get("label_smoothing", 0.0))
+        if self.loss not in LOSSES:
+            raise LabError(f"loss={self.loss!r} is unknown; use one of {', '.join(LOSSES)}")
+        if self.loss == "squared_hinge" and self.smoothing:
+            raise LabError(f"label_smoothing={self.smoothing} applies to loss=cross_entropy only; set "
+                           "label_smoothing=0 for loss=squared_hinge")
         d = cfg.data
         train = data.from_config(d, "train")
         test = data.from_config(d, "test", classes=train.classes)
@@ -77,13 +84,6 @@ class TextClassification(Task):
             io.write_text(ctx.run_dir / "model.txt", f"{self.model}\n\nparameters: {params:,}\n")
             io.write_json(ctx.run_dir / "vocab.json", {"classes": list(self.classes), "words": self.vocab.words})
         self.confusion: tuple[int, torch.Tensor] | None = None
-        self.loss = str(cfg.get("loss", "cross_entropy"))
-        self.smoothing = float(cfg.get("label_smoothing", 0.0))
-        if self.loss not in LOSSES:
-            raise LabError(f"loss={self.loss!r} is unknown; use one of {', '.join(LOSSES)}")
-        if self.loss == "squared_hinge" and self.smoothing:
-            raise LabError(f"label_smoothing={self.smoothing} applies to loss=cross_entropy only; set "
-                           "label_smoothing=0 for loss=squared_hinge")
 
     def _encode_test(self) -> None:
         encoded = [self.vocab.encode(t, self.max_len) for t in self.test_docs.tokens]

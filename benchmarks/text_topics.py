@@ -3,6 +3,7 @@ course notes' RNN, against scikit-learn's TF-IDF + logistic regression and a pla
 
     python benchmarks/text_topics.py                         # every set, every side
     python benchmarks/text_topics.py --sets r8 --seeds 0     # one set, one seed
+    python benchmarks/text_topics.py --sets r52 --update     # remeasure one set, keep the record's others
 
 1. The lab: its best model, `python -m lab +experiment=text_reuters_svm|text_20ng_svm logger=none
    trainer.progress=false` (a linear SVM on TF-IDF; `--best` adds overrides) per seed, and once the notes' RNN,
@@ -122,6 +123,21 @@ def plain_rnn(cfg: Any) -> dict[str, Any]:
             "accuracy": round(correct / len(test.labels), 4)}
 
 
+def kept_sets(args: argparse.Namespace) -> dict[str, Any]:
+    """With --update, the existing record's sets other than --sets (refused from another kind of CPU or
+    with other model arguments); otherwise none."""
+    path = record.RESULTS / f"{args.name}.json"
+    if not args.update or not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    here, there = record.machine(), old.get("machine", {})
+    same = all(here.get(k) == there.get(k) for k in ("cpu", "cores", "cpu_capability", "cpu_native_bf16"))
+    if not same or old.get("best_args") != args.best or old.get("rnn_args") != args.rnn:
+        sys.exit(f"--update: {path} was measured on another kind of CPU or with other --best/--rnn arguments; "
+                 "rerun every set instead")
+    return {k: v for k, v in old.get("sets", {}).items() if k not in args.sets}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sets", nargs="*", default=list(SETS))
@@ -133,9 +149,11 @@ def main() -> None:
                     help="overrides for the notes' RNN")
     ap.add_argument("--no-peers", action="store_true", help="skip scikit-learn and the plain loop")
     ap.add_argument("--name", default="text_topics")
+    ap.add_argument("--update", action="store_true", help="keep the record's other sets (measured on the same "
+                                                         "kind of CPU), replacing only --sets")
     args = ap.parse_args()
     figures: dict[str, Any] = {"targets": TARGETS, "bilstm_published": BILSTM, "budget_s": BUDGET_S,
-                               "best_args": args.best, "rnn_args": args.rnn, "sets": {}}
+                               "best_args": args.best, "rnn_args": args.rnn, "sets": kept_sets(args)}
     with tempfile.TemporaryDirectory(prefix="lab-text-") as tmp:
         work = Path(tmp)
         for name in args.sets:
@@ -167,6 +185,9 @@ def main() -> None:
                 print(json.dumps({name: {k: out[k] for k in ("tfidf_logistic_regression", "tfidf_linear_svc",
                                                               "plain_rnn_loop")}}),
                       flush=True)
+            out["measured"] = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                               "commit": record.machine().get("git_commit"),
+                               "command": " ".join(["python", *sys.argv])}
             figures["sets"][name] = out
             record.write(args.name, {**figures, "complete": False})
     record.write(args.name, {**figures, "complete": True})

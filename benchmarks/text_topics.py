@@ -3,7 +3,6 @@ course notes' RNN, against scikit-learn's TF-IDF + logistic regression and a pla
 
     python benchmarks/text_topics.py                         # every set, every side
     python benchmarks/text_topics.py --sets r8 --seeds 0     # one set, one seed
-    python benchmarks/text_topics.py --sets r52 --update     # remeasure one set, keep the record's others
 
 1. The lab: its best model, `python -m lab +experiment=text_reuters_svm|text_20ng_svm logger=none
    trainer.progress=false` (a linear SVM on TF-IDF; `--best` adds overrides) per seed, and once the notes' RNN,
@@ -65,16 +64,17 @@ def tfidf_peers(cfg: Any) -> dict[str, dict[str, Any]]:
 
     train = data.from_config(cfg.data, "train")
     test = data.from_config(cfg.data, "test", classes=train.classes)
-    out = {}
+    t0 = time.perf_counter()
+    vec = TfidfVectorizer(analyzer=lambda words: words, sublinear_tf=True)
+    x, x_test = vec.fit_transform(train.tokens), vec.transform(test.tokens)
+    vectorize_s, out = time.perf_counter() - t0, {}
     for name, clf in (("tfidf_logistic_regression", LogisticRegression(C=10.0, max_iter=1000)),
                       ("tfidf_linear_svc", LinearSVC(C=1.0))):
         t0 = time.perf_counter()
-        vec = TfidfVectorizer(analyzer=lambda words: words, sublinear_tf=True)
-        x = vec.fit_transform(train.tokens)
-        pred = clf.fit(x, train.labels).predict(vec.transform(test.tokens))
+        pred = clf.fit(x, train.labels).predict(x_test)
         acc = float((pred == torch.tensor(test.labels).numpy()).mean())
-        out[name] = {"accuracy": round(acc, 4), "train_s": round(time.perf_counter() - t0, 1), "C": clf.C,
-                     "features": x.shape[1]}
+        out[name] = {"accuracy": round(acc, 4), "train_s": round(vectorize_s + time.perf_counter() - t0, 1),
+                     "C": clf.C, "features": x.shape[1]}
     return out
 
 
@@ -123,21 +123,6 @@ def plain_rnn(cfg: Any) -> dict[str, Any]:
             "accuracy": round(correct / len(test.labels), 4)}
 
 
-def kept_sets(args: argparse.Namespace) -> dict[str, Any]:
-    """With --update, the existing record's sets other than --sets (refused from another kind of CPU or
-    with other model arguments); otherwise none."""
-    path = record.RESULTS / f"{args.name}.json"
-    if not args.update or not path.exists():
-        return {}
-    old = json.loads(path.read_text())
-    here, there = record.machine(), old.get("machine", {})
-    same = all(here.get(k) == there.get(k) for k in ("cpu", "cores", "cpu_capability", "cpu_native_bf16"))
-    if not same or old.get("best_args") != args.best or old.get("rnn_args") != args.rnn:
-        sys.exit(f"--update: {path} was measured on another kind of CPU or with other --best/--rnn arguments; "
-                 "rerun every set instead")
-    return {k: v for k, v in old.get("sets", {}).items() if k not in args.sets}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sets", nargs="*", default=list(SETS))
@@ -149,11 +134,9 @@ def main() -> None:
                     help="overrides for the notes' RNN")
     ap.add_argument("--no-peers", action="store_true", help="skip scikit-learn and the plain loop")
     ap.add_argument("--name", default="text_topics")
-    ap.add_argument("--update", action="store_true", help="keep the record's other sets (measured on the same "
-                                                         "kind of CPU), replacing only --sets")
     args = ap.parse_args()
     figures: dict[str, Any] = {"targets": TARGETS, "bilstm_published": BILSTM, "budget_s": BUDGET_S,
-                               "best_args": args.best, "rnn_args": args.rnn, "sets": kept_sets(args)}
+                               "best_args": args.best, "rnn_args": args.rnn, "sets": {}}
     with tempfile.TemporaryDirectory(prefix="lab-text-") as tmp:
         work = Path(tmp)
         for name in args.sets:
@@ -185,9 +168,6 @@ def main() -> None:
                 print(json.dumps({name: {k: out[k] for k in ("tfidf_logistic_regression", "tfidf_linear_svc",
                                                               "plain_rnn_loop")}}),
                       flush=True)
-            out["measured"] = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                               "commit": record.machine().get("git_commit"),
-                               "command": " ".join(["python", *sys.argv])}
             figures["sets"][name] = out
             record.write(args.name, {**figures, "complete": False})
     record.write(args.name, {**figures, "complete": True})

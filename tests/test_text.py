@@ -204,11 +204,14 @@ def test_a_short_r8_svm_run_learns_and_predicts_scores(tmp_path: Path) -> None:
     inbox = tmp_path / "news.txt"
     inbox.write_text("shr profit net revenues dividend quarter\nwheat grain tonnes export corn harvest\n")
     pred = tmp_path / "pred"
-    predicted, smoothed = run_lab_cases(tmp_path, [
+    predicted, smoothed, unknown = run_lab_cases(tmp_path, [
         [*args, "mode=predict", f"checkpoint={run / 'checkpoints' / 'best.pt'}", f"input={inbox}",
          f"hydra.run.dir={pred}"],
-        [*args, "label_smoothing=0.1", f"hydra.run.dir={tmp_path / 'smoothed'}"]])
+        [*args, "label_smoothing=0.1", f"hydra.run.dir={tmp_path / 'smoothed'}"],
+        [*args, "loss=hinge", f"hydra.run.dir={tmp_path / 'unknown'}"]])
     assert predicted.returncode == 0, predicted.stderr[-2000:]
     rows = (pred / "predictions.tsv").read_text().splitlines()
     assert rows[0] == "line\ttopic\tscore" and [r.split("\t")[1] for r in rows[1:]] == ["earn", "grain"]
     assert smoothed.returncode != 0 and "label_smoothing=0.1 applies to loss=cross_entropy only" in smoothed.stderr
+    assert unknown.returncode != 0 and "loss='hinge' is unknown; use one of cross_entropy" in unknown.stderr
+    assert "Traceback" not in smoothed.stderr + unknown.stderr and not (tmp_path / "unknown" / "model.txt").exists()

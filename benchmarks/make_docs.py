@@ -181,11 +181,12 @@ SCRIPTS: dict[str, str] = {
         "Newsgroups, the splits of Yao et al. (2019, Text GCN), whose table 2 gives the anchors. The lab's best "
         "text model (`text_reuters_svm` / `text_20ng_svm`: a linear SVM on TF-IDF, trained by the lab's loop) over "
         "several seeds: test accuracy (mean and standard deviation), macro-F1, and the wall seconds of the whole "
-        "command; the course notes' RNN (`text_reuters` / `text_20ng` with `--rnn`, a bidirectional LSTM) once. In "
+        "command; the course notes' RNN (`text_reuters` / `text_20ng` with `--rnn`, a bidirectional LSTM) for each of "
+        "`--rnn-seeds` (seed 0 alone by default). In "
         "the same run, scikit-learn's TF-IDF (the lab's words, sublinear tf) + logistic regression (C=10) and + "
         "LinearSVC (C=1) on the same files, and a plain PyTorch loop for the same RNN: the same "
-        "vocabulary, model, optimizer, schedule and epochs, but a shuffled `DataLoader` padding every batch to its "
-        "longest text, where the lab batches texts of similar length."),
+        "vocabulary, model, optimizer, schedule, epochs and seeds, but a shuffled `DataLoader` padding every batch "
+        "to its longest text, where the lab batches texts of similar length."),
     "vision_fashion": (
         "A Fashion-MNIST preset of the lab (`fashion_cnn`: the book's deep CNN; `fashion_resnet`: the CIFAR "
         "ResNet-20) against a plain PyTorch loop written the way tutorials write it (torchvision's "
@@ -462,14 +463,16 @@ SPECS: dict[str, list[Any]] = {
               ("TF-IDF + LR accuracy", "tfidf_logistic_regression/accuracy"),
               ("TF-IDF + LinearSVC accuracy", "tfidf_linear_svc/accuracy")]),
         Grid([("R8", "sets/r8"), ("R52", "sets/r52"), ("20NG", "sets/20ng")],
-             [("RNN: test accuracy", "rnn/accuracy"), ("at least Bi-LSTM's", "rnn/at_least_bilstm_row"),
-              ("texts/s", "rnn/train_texts_per_s_median"), ("plain loop: accuracy", "plain_rnn_loop/accuracy"),
+             [("RNN: test accuracy", "rnn/accuracy"), ("RNN: sd", "rnn/accuracy_sd"),
+              ("at least Bi-LSTM's", "rnn/at_least_bilstm_row"), ("texts/s", "rnn/train_texts_per_s_median"),
+              ("plain loop: accuracy", "plain_rnn_loop/accuracy"), ("plain loop: sd", "plain_rnn_loop/accuracy_sd"),
               ("plain loop: texts/s", "plain_rnn_loop/train_texts_per_s"),
               ("texts/s, lab over plain", "rnn_texts_per_s_ratio_lab_over_plain"),
               ("accuracy, lab minus plain", "rnn_accuracy_lab_minus_plain")]),
         Row("targets (test accuracy)", "targets/r8", "targets/r52", "targets/20ng"),
         Row("best model's overrides", "best_args"),
         Row("RNN's overrides", "rnn_args"),
+        Row("RNN's seeds (its figures and the plain loop's are means over them)", "rnn_seeds"),
     ],
     "vision_fashion": [
         Row("experiment", "experiment"),

@@ -14,10 +14,12 @@ them against a plain PyTorch loop with a DataLoader, same model, data and steps.
    and palette PNG masks (`python -m lab scenes --overlap --mask-threshold`), a Dataset that decodes an image
    and its mask per item, a shuffled DataLoader (same batch size, `--workers`), the same model built from the
    same composed config, AdamW and the one-cycle schedule over the same steps, cross-entropy with the ignore
-   index; then the same evaluation (vision/segmentation.py's `confusion` and `scores`) of the same test scenes.
-   The ratio is the lab's training images/s over the loop's.
+   index, in fp32 as tutorials train (the lab: the experiment's `trainer.precision=auto`, bf16 where the CPU has
+   it natively); then the same evaluation (vision/segmentation.py's `confusion` and `scores`) of the same test
+   scenes. The ratio is the lab's training images/s over the loop's.
 
-Writes benchmarks/results/<name>.json (default segment_digits).
+Writes benchmarks/results/<name>.json (default segment_digits; segment_digits_avx2 on a CPU without native
+bf16).
 """
 
 from __future__ import annotations
@@ -40,9 +42,12 @@ import record  # noqa: E402
 
 TARGET = 0.85  # mIoU over the 10 digit classes
 BUDGET_S = 600  # within 10 minutes of training
-# Each model's epochs sized to the budget on the 2-core AVX2 CPU (images/s measured there at 64 px: FCN 96,
-# U-Net 76, SegNet 41; U-Net and SegNet run their first convs at full size).
-MODEL_ARGS = {"unet": ["trainer.max_epochs=4"], "segnet": ["trainer.max_epochs=2"], "fcn": []}
+# Each model's epochs sized to the budget on each kind of 2-core CPU. AVX2 (images/s at 64 px, fp32: FCN 96,
+# U-Net 76, SegNet 41; U-Net and SegNet run their first convs at full size); AVX512-BF16, where the experiment's
+# `trainer.precision=auto` trains in bf16 (FCN about 300 images/s, U-Net 320).
+MODEL_ARGS = {"_avx2": {"unet": ["trainer.max_epochs=4"], "segnet": ["trainer.max_epochs=2"], "fcn": []},
+              "": {"unet": ["trainer.max_epochs=6"], "segnet": ["trainer.max_epochs=3"],
+                   "fcn": ["trainer.max_epochs=20"]}}[record.cpu_kind_suffix()]
 
 
 def lab_side(args: list[str], run_dir: Path) -> dict[str, Any]:
@@ -131,7 +136,7 @@ def main() -> None:
     ap.add_argument("--no-plain", action="store_true", help="skip the plain loop")
     ap.add_argument("--lab-args", nargs="*", default=[], help="extra overrides for every run")
     ap.add_argument("--workers", type=int, default=1, help="the plain loop's DataLoader workers")
-    ap.add_argument("--name", default="segment_digits")
+    ap.add_argument("--name", default="segment_digits" + record.cpu_kind_suffix())
     args = ap.parse_args()
     base = ["+experiment=segment_digits", "logger=none", "trainer.progress=false", *args.lab_args]
     figures: dict[str, Any] = {"target_miou_foreground": TARGET, "budget_s": BUDGET_S, "lab_args": args.lab_args,

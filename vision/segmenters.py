@@ -30,13 +30,24 @@ from vision.detectors import make_body
 
 
 class FCN(nn.Module):
-    """Class scores from each backbone map (1x1 convs), fused coarse to fine by bilinear upsampling and sums."""
+    """Class scores from each backbone map (1x1 convs), fused coarse to fine by bilinear upsampling and sums.
+    `refine=C` adds a full-resolution correction: two 3x3 convs (C channels) on the input, joined with the
+    upsampled scores by a 3x3 conv, added to them (its last layer starts at zero, so training starts from the
+    plain FCN); the backbone's first map is at stride 2, and a bilinear upsampling blurs what lies between."""
 
-    def __init__(self, body: nn.Module, channels: Sequence[int], num_classes: int, dropout: float = 0.1):
+    def __init__(self, body: nn.Module, channels: Sequence[int], num_classes: int, dropout: float = 0.1,
+                 in_channels: int = 1, refine: int = 0):
         super().__init__()
         self.body = body
         self.drop = nn.Dropout2d(dropout)
         self.score = nn.ModuleList(nn.Conv2d(c, num_classes, 1) for c in channels)
+        self.refine = None
+        if refine:
+            r = int(refine)
+            join = nn.Sequential(*_convs(r + num_classes, r, 1), nn.Conv2d(r, num_classes, 1))
+            self.refine = nn.ModuleDict({"image": nn.Sequential(*_convs(in_channels, r, 2)), "join": join})
+            nn.init.zeros_(self.refine["join"][-1].weight)
+            nn.init.zeros_(self.refine["join"][-1].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         maps = list(self.body(x).values())
@@ -44,15 +55,19 @@ class FCN(nn.Module):
         for m, score in zip(reversed(maps[:-1]), reversed(self.score[:-1])):
             skip = score(m)
             y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False) + skip
-        return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        if self.refine is not None:
+            y = y + self.refine["join"](torch.cat([self.refine["image"](x), y], 1))
+        return y
 
 
 def fcn(num_classes: int, in_channels: int, backbone: Any, image_size: int = 128,
         levels: Sequence[int] = (8, 16, 32), weights: str | None = None, freeze: bool | int = False,
-        dropout: float = 0.1) -> FCN:
-    """FCN on a lab classifier (`backbone`, as vision/detectors.py cuts one), with skips from `levels`."""
+        dropout: float = 0.1, refine: int = 0) -> FCN:
+    """FCN on a lab classifier (`backbone`, as vision/detectors.py cuts one), with skips from `levels`; `refine`
+    channels of a full-resolution correction (0: none)."""
     body, channels = make_body(backbone, in_channels, image_size, levels, weights, freeze)
-    return FCN(body, channels, num_classes, dropout)
+    return FCN(body, channels, num_classes, dropout, in_channels, refine)
 
 
 def _convs(c_in: int, c_out: int, n: int) -> list[nn.Module]:

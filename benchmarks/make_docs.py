@@ -157,13 +157,14 @@ SCRIPTS: dict[str, str] = {
         "canvases, 11 classes: the background and the 10 digits; 10,000 train scenes from the train digits, 300 "
         "test scenes from the test digits) with FCN (ResNet-18, skips from strides 2, 4, 8 and 16), U-Net and "
         "SegNet, each a lab run of the same data and optimizer (AdamW, one-cycle to 1e-2) for the epochs its "
-        "`command` gives (the FCN 6; U-Net and SegNet, slower per image, fewer): "
+        "`command` gives (sized per kind of CPU: on AVX2 the FCN 6, on AVX512-BF16 20; U-Net and SegNet, "
+        "slower per image, fewer), at `trainer.precision=auto` (bf16 where the CPU has it natively): "
         "parameters, every evaluation (mIoU over the 10 digit classes, mIoU with the "
         "background, pixel accuracy; torchvision's confusion-matrix method) and the seconds of training until "
         "the digits' mIoU first reaches 0.85 (evaluations included, scene making excluded). Then the best model "
         "against a plain PyTorch loop: the same train scenes as PNG images and masks read per item by a "
-        "`DataLoader` (`--workers`), the same model, optimizer, schedule and steps; its images/s and the same "
-        "evaluation of the same test scenes."),
+        "`DataLoader` (`--workers`), the same model, optimizer, schedule and steps, in fp32; its images/s and the "
+        "same evaluation of the same test scenes."),
     "caption_digits": (
         "Image captioning of digit scenes (`caption_digits`: 1-3 MNIST digits apart on 64x64 canvases, five "
         "grammar captions each; 10,000 train scenes from the train digits, 500 test scenes from the test digits): "

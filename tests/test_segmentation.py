@@ -119,11 +119,19 @@ def test_every_model_returns_the_inputs_height_and_width(tmp_path: Path) -> None
     torch.manual_seed(0)
     models = {"fcn": segmenters.fcn(11, 1, {"_target_": "vision.resnet.resnet18"}, image_size=64, levels=[4, 8, 16]),
               "segnet": segmenters.segnet(11, 1, widths=[8, 16]), "unet": segmenters.unet(11, 1, widths=[8, 16, 32]),
+              "fcn_refine": segmenters.fcn(11, 1, {"_target_": "vision.resnet.resnet18"}, image_size=64,
+                                           levels=[4, 8, 16], refine=8),
               "lraspp": segmenters.torchvision_model("lraspp_mobilenet_v3_large", 11, 1)}
     for name, m in models.items():
         m.eval()
         for h, w in ((32, 32), (33, 47), (65, 31)):
             assert m(torch.rand(2, 1, h, w)).shape == (2, 11, h, w), (name, h, w)
+    # the refinement starts as a no-op: with the same FCN weights, the same scores until it trains
+    plain, refined = models["fcn"], models["fcn_refine"]
+    refined.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.rand(2, 1, 33, 47)
+    assert torch.allclose(refined(x), plain(x), atol=1e-6)
+    assert sum(p.numel() for p in refined.refine.parameters()) > 0
     # model.weights for a torchvision model: its own state dict loads; a head for other classes is skipped
     other = segmenters.torchvision_model("lraspp_mobilenet_v3_large", 5, 3)
     torch.save(other.net.state_dict(), tmp_path / "lraspp.pth")

@@ -14,14 +14,16 @@ by greedy search and by beam search, then the better of them against a plain PyT
    as PNG files with a COCO captions JSON, a Dataset that decodes an image per item and draws one of its
    captions, a shuffled DataLoader (same batch size, `--workers`) whose collate pads every batch to its
    longest caption, the same model built from the same composed config, AdamW and the one-cycle schedule over
-   the same steps, the same loss and clipping; then the same greedy decoding and scoring of the same test
-   scenes. The ratio is the lab's training images/s over the loop's.
+   the same steps, the same loss and clipping, in fp32 as tutorials train (the lab: the experiment's
+   `trainer.precision=auto`, bf16 where the CPU has it natively); then the same greedy decoding and scoring of
+   the same test scenes. The ratio is the lab's training images/s over the loop's.
 
 The encoder starts from the lab's `mnist_cnn` trained for `--pretrain-epochs` (1) on the MNIST train digits,
 as NIC starts from a trained CNN; those wall seconds count towards the 10 minutes. Both models and the plain
 loop load the same checkpoint.
 
-Writes benchmarks/results/<name>.json (default caption_digits).
+Writes benchmarks/results/<name>.json (default caption_digits; caption_digits_avx2 on a CPU without native
+bf16).
 """
 
 from __future__ import annotations
@@ -179,7 +181,7 @@ def main() -> None:
     ap.add_argument("--pretrain-epochs", type=int, default=1,
                     help="epochs of mnist_cnn for the encoder's start (0: the encoder from scratch)")
     ap.add_argument("--pretrain-args", nargs="*", default=[], help="extra overrides for the encoder's pretraining")
-    ap.add_argument("--name", default="caption_digits")
+    ap.add_argument("--name", default="caption_digits" + record.cpu_kind_suffix())
     args = ap.parse_args()
     base = ["+experiment=caption_digits", "logger=none", "trainer.progress=false", *args.lab_args]
     figures: dict[str, Any] = {"target_bleu4": BLEU4, "target_digits_right": DIGITS, "budget_s": BUDGET_S,

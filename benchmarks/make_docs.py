@@ -176,7 +176,8 @@ SCRIPTS: dict[str, str] = {
         "excluded), and the final model decoded again by beam search (3). Then the model with more captions "
         "naming the right digits against a plain PyTorch loop: the same train scenes as PNG files with a COCO "
         "captions JSON read per item by a `DataLoader` (`--workers`) padding each batch to its longest caption, "
-        "the same model, optimizer, schedule, clipping and steps; its images/s and the same greedy evaluation."),
+        "the same model, optimizer, schedule, clipping and steps, in fp32 (the lab: `trainer.precision=auto`, bf16 "
+        "where the CPU has it natively); its images/s and the same greedy evaluation."),
     "text_topics": (
         "Topic classification on Ana Cachopo's single-label splits of Reuters-21578 (R8: 8 topics, R52: 52) and 20 "
         "Newsgroups, the splits of Yao et al. (2019, Text GCN), whose table 2 gives the anchors. The lab's best "

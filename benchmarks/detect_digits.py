@@ -14,10 +14,13 @@ detection reference, same model, data and steps.
    disk as PNG + Pascal VOC XML (`python -m lab scenes`), a Dataset that reads an image and its XML per item,
    a DataLoader (same batch size, shuffle, `--workers`, `collate_fn=tuple(zip(*batch))`), the same detector
    built from the same composed config, AdamW and the one-cycle schedule over the same steps, gradient
-   clipping as the lab's; then the same COCO evaluation (vision/detection.py's `coco_metrics`) of the same test
-   scenes. Records its training images/s and final metrics; the ratio is the lab's images/s over the loop's.
+   clipping as the lab's, in fp32 as the reference trains on a CPU (the lab: the experiment's
+   `trainer.precision=auto`, bf16 where the CPU has it natively); then the same COCO evaluation
+   (vision/detection.py's `coco_metrics`) of the same test scenes. Records its training images/s and final
+   metrics; the ratio is the lab's images/s over the loop's.
 
-Writes benchmarks/results/<name>.json (default detect_digits).
+Writes benchmarks/results/<name>.json (default detect_digits; detect_digits_avx2 on a CPU without native
+bf16).
 """
 
 from __future__ import annotations
@@ -149,7 +152,7 @@ def main() -> None:
     ap.add_argument("--only", choices=("lab", "plain"), default=None)
     ap.add_argument("--lab-args", nargs="*", default=[], help="extra overrides for both sides' config")
     ap.add_argument("--workers", type=int, default=1, help="the plain loop's DataLoader workers")
-    ap.add_argument("--name", default="detect_digits")
+    ap.add_argument("--name", default="detect_digits" + record.cpu_kind_suffix())
     args = ap.parse_args()
     lab_args = ["+experiment=detect_digits", "logger=none", "trainer.progress=false", *args.lab_args]
     cfg = record.composed(lab_args)

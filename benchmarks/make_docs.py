@@ -142,8 +142,9 @@ SCRIPTS: dict[str, str] = {
         "of training until mAP first reaches 0.75 and AP50 0.95 (evaluations included, scene making excluded), "
         "per-class AP and training images/s. Beside it, unless `--only lab`, a plain loop in the style of "
         "torchvision's detection reference: the same train scenes as PNG + VOC files read per item by a "
-        "`DataLoader` (`--workers`), the same detector, optimizer, schedule, clipping and steps, no lab trainer; "
-        "its images/s and the same COCO metrics on the same test scenes."),
+        "`DataLoader` (`--workers`), the same detector, optimizer, schedule, clipping and steps, no lab trainer, "
+        "in fp32 (the lab: `trainer.precision=auto`, bf16 where the CPU has it natively); its images/s and the "
+        "same COCO metrics on the same test scenes."),
     "detect_trees": (
         "Tree crowns in real aerial images (`detect_trees`: DeepForest's NEON sample, 256x256 tiles; the held-out "
         "image YELL 541000, 279 crowns in 30 tiles, is never seen in training): Faster R-CNN on VGG16 + FPN "
@@ -735,7 +736,8 @@ def cpu_kind(rec: dict[str, Any]) -> str:
 
 def machine_lines(rec: dict[str, Any]) -> list[str]:
     m = machine_of(rec)
-    shown = {"cpu", "cores", "torch_threads", "cuda", "cpu_capability", "cpu_native_bf16", "git_commit"}
+    shown = {"cpu", "cores", "torch_threads", "cuda", "cpu_capability", "cpu_native_bf16", "git_commit",
+             "git_uncommitted"}
     what = [cpu_name(rec)]
     if "cores" in m:
         what.append(f"{m['cores']} cores")
@@ -748,7 +750,9 @@ def machine_lines(rec: dict[str, Any]) -> list[str]:
     shown.update(("python", "torch", "torchvision", "numpy", "hydra", "wandb", "ale_py"))
     if versions:
         lines.append(f"- **Versions**: {', '.join(versions)}")
-    lines.append(f"- **Commit**: `{m.get('git_commit', 'not recorded')}`")
+    changed = m.get("git_uncommitted") or []
+    lines.append(f"- **Commit**: `{m.get('git_commit', 'not recorded')}`"
+                 + (f", with uncommitted changes to {', '.join(f'`{f}`' for f in changed)}" if changed else ""))
     lines += [f"- `machine/{k}`: {cell(fmt(v))}" for k, v in m.items() if k not in shown]
     return lines
 

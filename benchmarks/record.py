@@ -85,6 +85,10 @@ def machine() -> dict[str, Any]:
         try:
             info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                                 text=True, cwd=RESULTS.parent).stdout.strip()
+            # tracked files that differ from that commit (records aside): the run measured them, not the commit
+            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, cwd=RESULTS.parent).stdout.splitlines()
+            info["git_uncommitted"] = sorted(line[3:] for line in status if "benchmarks/results/" not in line)
         except OSError:
             pass
     return info

@@ -804,10 +804,10 @@ def section(name: str, rec: dict[str, Any], files: list[Path]) -> list[str]:
 INTRO = """\
 Every figure on this page is read from a record in [`benchmarks/results/`](../benchmarks/results/), written by
 the benchmark script named in it (through `benchmarks/record.py`: the figures, the command, the machine, the
-versions and the git commit). After a benchmark writes a record, run `python benchmarks/make_docs.py`: it
-rewrites this page and the headline cells of the README's experiment table; `--check` (run by
-`tests/test_docs.py`) fails when either is out of date. Earlier runs of a benchmark live in git's history of
-its record, not here.
+versions and the git commit, with any tracked files that differed from it when the record was written). After a
+benchmark writes a record, run `python benchmarks/make_docs.py`: it rewrites this page and the headline cells of
+the README's experiment table; `--check` (run by `tests/test_docs.py`) fails when either is out of date.
+Earlier runs of a benchmark live in git's history of its record, not here.
 
 Run a benchmark with `python benchmarks/NAME.py` (`make bench` runs `mnist_cnn.py`); each script's docstring
 gives its options. Compare figures only within one kind of machine: the development machines are 2-core AMD

@@ -102,7 +102,7 @@ def test_an_unknown_record_is_rendered_generically(tmp_path: Path):
     results.mkdir()
     (results / "zz_new.json").write_text(json.dumps({
         "benchmark": "zz_new", "date": "2030-01-01T00:00:00", "command": "python benchmarks/zz_new.py",
-        "machine": {"cpu": "Some CPU", "cores": 4, "git_commit": "abc1234"},
+        "machine": {"cpu": "Some CPU", "cores": 4, "git_commit": "abc1234", "git_uncommitted": ["conf/x.yaml"]},
         "figure": 0.4321, "nested": {"deeper": {"leaf": 7}},
         "curve": [{"step": i, "loss": 1.0 / (i + 1)} for i in range(50)], "big": list(range(1000))}))
     out = tmp_path / "b.md"
@@ -110,6 +110,7 @@ def test_an_unknown_record_is_rendered_generically(tmp_path: Path):
     text = out.read_text()
     assert "## zz_new" in text and "0.4321" in text and "`nested/deeper/leaf`" in text
     assert "50 rows, summarised" in text and "1000 values" in text and "abc1234" in text
+    assert "`abc1234`, with uncommitted changes to `conf/x.yaml`" in text  # what the run measured beyond its commit
 
 
 def test_readme_is_short_and_links_every_docs_page():

@@ -15,7 +15,7 @@ Both evaluate on the tiles of the held-out image (`data.test_images`, never seen
 `trainer.eval_every` steps with COCO's evaluation. The record keeps every evaluation (AP50, mAP@[.5:.95],
 AP75, recall), the final and best AP50, the training images/s and wall seconds of each side, and whether the
 pretrained side's final AP50 reaches the target. Both train in the experiment's `trainer.precision=auto`: bf16
-on a CPU that has it natively, which then trains 16 epochs instead of the yaml's 8 in about the same time.
+on a CPU that has it natively, which then trains 16 epochs instead of the yaml's 8 (`KIND_ARGS`).
 Writes benchmarks/results/<name>.json (default detect_trees; detect_trees_avx2 on a CPU without native bf16)
 and, beside it, each side's last precision-recall curve and test tiles with their boxes (PNG).
 """
@@ -39,8 +39,8 @@ import record  # noqa: E402
 
 TARGET_AP50 = 0.5
 SIDES = {"pretrained": [], "scratch": ["model.weights=null", "model.freeze=false"]}
-# Epochs sized per kind of 2-core CPU: AVX2 trains the pretrained side at 1.5 tiles/s in fp32 (8 epochs, 14
-# minutes); AVX512-BF16 at 4.7 in bf16, where 16 epochs take about as long.
+# Epochs per kind of 2-core CPU, as measured: AVX2 trains the pretrained side at 1.5 tiles/s in fp32 (8 epochs
+# in 14 minutes); AVX512-BF16 at 5.0 in bf16 (16 epochs in 8 minutes, from scratch 17).
 KIND_ARGS = {"_avx2": [], "": ["trainer.max_epochs=16"]}[record.cpu_kind_suffix()]
 
 

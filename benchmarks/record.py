@@ -85,13 +85,18 @@ def machine() -> dict[str, Any]:
         try:
             info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                                 text=True, cwd=RESULTS.parent).stdout.strip()
-            # tracked files that differ from that commit (records aside): the run measured them, not the commit
-            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                    text=True, cwd=RESULTS.parent).stdout.splitlines()
-            info["git_uncommitted"] = sorted(line[3:] for line in status if "benchmarks/results/" not in line)
+            info["git_uncommitted"] = uncommitted(RESULTS.parents[1])
         except OSError:
             pass
     return info
+
+
+def uncommitted(repo: Path) -> list[str]:
+    """The tracked files of `repo` that differ from its HEAD, records under benchmarks/results/ aside: what a run
+    measured beyond its commit."""
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                            text=True, cwd=repo).stdout.splitlines()
+    return sorted(line[3:] for line in status if not line[3:].startswith("benchmarks/results/"))
 
 
 def cpu_kind_suffix() -> str:

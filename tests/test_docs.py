@@ -113,6 +113,27 @@ def test_an_unknown_record_is_rendered_generically(tmp_path: Path):
     assert "`abc1234`, with uncommitted changes to `conf/x.yaml`" in text  # what the run measured beyond its commit
 
 
+def test_a_record_names_the_tracked_files_that_differ_from_its_commit(tmp_path: Path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import record
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    for name in ("conf.yaml", "code.py", "benchmarks/results/r.json"):
+        (tmp_path / name).write_text("a\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "start")
+    assert record.uncommitted(tmp_path) == []
+    for name in ("conf.yaml", "benchmarks/results/r.json"):
+        (tmp_path / name).write_text("b\n")
+    (tmp_path / "new.txt").write_text("untracked\n")
+    assert record.uncommitted(tmp_path) == ["conf.yaml"]
+
+
 def test_readme_is_short_and_links_every_docs_page():
     assert len(README.read_bytes()) <= 12 * 1024
     text = README.read_text()

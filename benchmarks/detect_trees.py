@@ -11,13 +11,15 @@ detector trained from scratch, same data, steps and schedule.
 2. From scratch: the same command with `model.weights=null model.freeze=false` (every layer trains from
    He initialisation).
 
-Both evaluate on the tiles of the held-out image (`data.test_images`, never seen in training) every
-`trainer.eval_every` steps with COCO's evaluation. The record keeps every evaluation (AP50, mAP@[.5:.95],
-AP75, recall), the final and best AP50, the training images/s and wall seconds of each side, and whether the
-pretrained side's final AP50 reaches the target. Both train in the experiment's `trainer.precision=auto`: bf16
-on a CPU that has it natively, which then trains 16 epochs instead of the yaml's 8 (`KIND_ARGS`).
+Both evaluate on the whole held-out image (`data.test_images`, never seen in training; its 279 crowns, each
+once) every `trainer.eval_every` steps with COCO's evaluation (up to 1,000 boxes), detecting it in 256 px
+windows as the model trained (`detection.window`: overlapping by 128, cut boxes dropped, NMS across
+windows). The record keeps every evaluation (AP50, mAP@[.5:.95], AP75, recall), the final and best AP50,
+the training images/s and wall seconds of each side, and whether the pretrained side's final AP50 reaches
+the target. Both train in the experiment's `trainer.precision=auto`: bf16 on a CPU that has it natively,
+which then trains 16 epochs instead of the yaml's 8 (`KIND_ARGS`).
 Writes benchmarks/results/<name>.json (default detect_trees; detect_trees_avx2 on a CPU without native bf16)
-and, beside it, each side's last precision-recall curve and test tiles with their boxes (PNG).
+and, beside it, each side's last precision-recall curve and the test image with its boxes (PNG).
 """
 
 from __future__ import annotations

@@ -220,3 +220,63 @@ def test_detect_trees_and_detect_folder_smoke(tmp_path: Path) -> None:
         first = next(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
                      if "data/train_images" in line)
         assert first["data/train_images"] == (4 if name == "trees" else 8) and first["data/test_boxes"] > 0, first
+
+
+
+class _Oracle(torch.nn.Module):
+    """A "detector" that boxes each bright 20x20 square of its input (connected pixels), scored by the share of
+    the square inside the input, as a real detector scores a crown cut by a tile edge lower."""
+
+    def forward(self, crops: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        from scipy import ndimage
+
+        out = []
+        for crop in crops:
+            blobs, n = ndimage.label(crop[0].numpy() > 0.5)
+            found = ndimage.find_objects(blobs)
+            boxes = [[s[1].start, s[0].start, s[1].stop, s[0].stop] for s in found]
+            scores = [float((blobs == i + 1).sum()) / 400 for i in range(n)]
+            out.append({"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                        "scores": torch.tensor(scores), "labels": torch.zeros(n, dtype=torch.int64)})
+        return out
+
+
+def test_windowed_detection_finds_each_object_of_a_large_image_once() -> None:
+    """An image larger than the window is detected in overlapping windows; objects cut by a window side come
+    back whole (from the window that holds them), once each, in image pixels; small images go through whole."""
+    from types import SimpleNamespace
+
+    from vision.detection import Detection, window_config
+
+    squares = [[10, 10, 30, 30], [50, 40, 70, 60], [110, 100, 130, 120], [150, 5, 170, 25], [180, 130, 200, 150]]
+    image = torch.zeros((1, 160, 210), dtype=torch.uint8)
+    for x0, y0, x1, y1 in squares:
+        image[:, y0:y1, x0:x1] = 255
+    task = Detection.__new__(Detection)  # the evaluation half of the task: its model, device and settings
+    torch.nn.Module.__init__(task)
+    task.model, task.ctx, task.eval_batch_size, task.max_detections = _Oracle(), SimpleNamespace(
+        device=torch.device("cpu")), 4, 100
+    truth = sorted(squares)
+    for overlap, edge in ((40, 2), (40, 0)):  # windows 64 px, 24 apart; with edge 0 NMS alone merges the cuts
+        task.window = window_config({"size": 64, "overlap": overlap, "edge": edge, "nms": 0.3})
+        (pred,) = task.detect([image])
+        found = sorted(pred["boxes"].round().int().tolist())
+        if edge:  # every square lies whole in some window: exactly the truth, each once
+            assert found == truth, found
+        else:  # cut pieces survive where they overlap the whole square by IoU <= 0.3
+            assert set(map(tuple, truth)) <= set(map(tuple, found)), found
+        assert pred["scores"].tolist() == sorted(pred["scores"].tolist(), reverse=True)
+    task.window = window_config({"size": 256, "overlap": 0})  # the image fits: one pass, no windows
+    (whole,) = task.detect([image])
+    assert sorted(whole["boxes"].int().tolist()) == truth and (whole["scores"] == 1).all()
+    with pytest.raises(LabError, match=r"detection.window=.* needs size >= 1, 0 <= overlap < size"):
+        window_config({"size": 64, "overlap": 64})
+    with pytest.raises(LabError, match=r"detection.window has unknown key\(s\) \['stride'\]"):
+        window_config({"size": 64, "stride": 32})
+    with pytest.raises(LabError, match=r"detection.max_detections=5 must be at least 10"):
+        coco_metrics(_preds(GT[0]["boxes"].clone()), GT, ("a", "b"), max_detections=5)
+    out, per_class, _ = coco_metrics(_preds(GT[0]["boxes"].clone()), GT, ("a", "b"), max_detections=1000)
+    assert out["map"] == pytest.approx(1.0) and out["mar_1000"] == 1.0 and per_class["a"]["recall_1000"] == 1.0
+    shifted = _preds(GT[0]["boxes"] + torch.tensor([10.0, 0.0, 10.0, 0.0]))  # as at dx=10 above: the same mAP
+    at_100, at_1000 = (coco_metrics(shifted, GT, ("a", "b"), n)[0]["map"] for n in (100, 1000))
+    assert at_1000 == pytest.approx(at_100)

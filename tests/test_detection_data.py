@@ -242,6 +242,11 @@ def test_trees_split_by_whole_images_into_tiles():
     cfg = OmegaConf.load(REPO / "conf" / "data" / "trees.yaml")
     cfg.root = str(DATA)
     assert list(cfg.test_images) == [HELD_OUT]
+    assert cfg.tile_test is False
+    whole = dd.from_config(cfg, "test")  # the held-out image whole, every crown once
+    assert whole.names == [f"{HELD_OUT}.png"] and whole.images[0].shape == (3, 1035, 1249)
+    assert len(whole.targets[0]["boxes"]) == 279
+    cfg.tile_test = True
     train, test = dd.from_config(cfg, "train"), dd.from_config(cfg, "test")
     for det in (train, test):
         assert det.classes == ("Tree",) and not det.skipped

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torchvision.ops import batched_nms
 
 from lab import io, media
 from lab.config import build
@@ -123,6 +124,8 @@ class Detection(ImageTask):
                                       transform=augmentation(d.get("augment"), channels))
         self.eval_batch_size = int(d.eval_batch_size)
         self.show = cfg.detection
+        self.max_detections = int(cfg.detection.get("max_detections") or 100)
+        self.window = window_config(cfg.detection.get("window"))
         skipped = [*self.train_set.skipped, *self.test_set.skipped]
         self.describe({"data/train_images": len(self.train_set.images), "data/test_images": len(self.test_set.images),
                        "data/train_boxes": sum(len(t["labels"]) for t in self.train_set.targets),
@@ -142,7 +145,13 @@ class Detection(ImageTask):
 
     # ---- evaluation ------------------------------------------------------------------------------
     def detect(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """Detections (boxes xyxy, scores, 0-based labels) on CPU for uint8 images, `eval_batch_size` at a time."""
+        """Detections (boxes xyxy, scores, 0-based labels) on CPU for uint8 images, `eval_batch_size` at a time;
+        with `detection.window`, an image wider or taller than the window is detected window by window."""
+        big = [self.window is not None and max(x.shape[-2:]) > self.window[0] for x in images]
+        small = iter(self._forward([x for x, b in zip(images, big) if not b]))
+        return [self._windowed(x) if b else next(small) for x, b in zip(images, big)]
+
+    def _forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         out = []
         for i in range(0, len(images), self.eval_batch_size):
             batch = [x.to(self.ctx.device).float() / 255 for x in images[i: i + self.eval_batch_size]]
@@ -150,11 +159,41 @@ class Detection(ImageTask):
                     for d in self.model(batch)]
         return out
 
+    def _windowed(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Sliding-window detection on one large image (as DeepForest's predict_tile): `size`x`size` windows
+        `size - overlap` apart, each detected alone; a box within `edge` px of a window side that lies inside the
+        image is dropped (cut by that side: the neighbouring window, overlapping it, sees the object whole when
+        the object is under `overlap - edge` px), the rest shift back to image pixels and meet class-wise NMS
+        at IoU `nms` across windows; the `detection.max_detections` best stay."""
+        size, overlap, edge, nms = self.window
+        c, h, w = image.shape
+        stride = size - overlap
+        offsets = [(x, y) for y in detection_data.window_starts(h, size, stride)
+                   for x in detection_data.window_starts(w, size, stride)]
+        crops = []
+        for x, y in offsets:
+            crop = image[:, y:y + size, x:x + size]
+            crops.append(torch.nn.functional.pad(crop, (0, size - crop.shape[2], 0, size - crop.shape[1])))
+        boxes, scores, labels = [], [], []
+        for (x, y), p in zip(offsets, self._forward(crops)):
+            b = p["boxes"]
+            cut = (((x > 0) & (b[:, 0] < edge)) | ((y > 0) & (b[:, 1] < edge))
+                   | ((x + size < w) & (b[:, 2] > size - edge)) | ((y + size < h) & (b[:, 3] > size - edge)))
+            keep = ~cut if edge > 0 else torch.ones(len(b), dtype=torch.bool)
+            boxes.append(b[keep] + torch.tensor([x, y, x, y], dtype=b.dtype))
+            scores.append(p["scores"][keep])
+            labels.append(p["labels"][keep])
+        b, s, lab = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
+        b = torch.stack([b[:, 0].clamp(0, w), b[:, 1].clamp(0, h), b[:, 2].clamp(0, w), b[:, 3].clamp(0, h)], 1)
+        keep = batched_nms(b, s, lab, nms)[: self.max_detections]  # sorted by score, best first
+        return {"boxes": b[keep], "scores": s[keep], "labels": lab[keep]}
+
     def evaluate(self) -> dict:
         self.log_info_once()
         preds = self.detect(self.test_set.images)
-        out, per_class, curves = coco_metrics(preds, self.test_set.targets, self.classes)
-        self.ctx.logger.log_table("eval/per_class_ap", ["class", "AP", "AP50", "recall@100", "test boxes"],
+        out, per_class, curves = coco_metrics(preds, self.test_set.targets, self.classes, self.max_detections)
+        self.ctx.logger.log_table("eval/per_class_ap", ["class", "AP", "AP50", f"recall@{self.max_detections}",
+                                                        "test boxes"],
                                   [[c, *v.values()] for c, v in per_class.items()])
         self._pr_curves(curves)
         self._show(preds[: int(self.show.media_images)])
@@ -224,35 +263,60 @@ class Detection(ImageTask):
 
 
 def coco_metrics(preds: list[dict[str, torch.Tensor]], targets: list[dict[str, torch.Tensor]],
-                 classes: tuple[str, ...]) -> tuple[dict[str, float], dict[str, dict[str, float]], dict[str, Any]]:
-    """COCO's box evaluation (torchmetrics' MeanAveragePrecision on pycocotools): the summary (map, map_50,
-    map_75, map_small/medium/large, mar_1/10/100; a size with no test boxes left out), per class {AP (at
-    [.5:.95]), AP50, recall@100, test boxes} and per class its precision-recall curve at IoU 0.5 (COCO's 101
-    recall points, all sizes, 100 detections)."""
+                 classes: tuple[str, ...], max_detections: int = 100,
+                 ) -> tuple[dict[str, float], dict[str, dict[str, float]], dict[str, Any]]:
+    """COCO's box evaluation (torchmetrics' MeanAveragePrecision on pycocotools) taking each image's
+    `max_detections` best boxes (COCO's 100 by default; more for large images with hundreds of objects): the
+    summary (map, map_50, map_75, map_small/medium/large, mar_1/10/N; a size with no test boxes left out), per
+    class {AP (at [.5:.95]), AP50, recall_N, test boxes} and per class its precision-recall curve at IoU 0.5
+    (COCO's 101 recall points, all sizes, N detections)."""
     from torchmetrics.detection import MeanAveragePrecision
 
+    n = int(max_detections)
+    if n < 10:
+        raise LabError(f"detection.max_detections={n} must be at least 10 (COCO's evaluation also reports "
+                       "recall at 1 and 10 detections); use 100 (COCO's) or more")
     metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True, extended_summary=True,
-                                  backend="pycocotools")
+                                  backend="pycocotools", max_detection_thresholds=[1, 10, n])
     metric.update([{k: p[k] for k in ("boxes", "scores", "labels")} for p in preds],
                   [{"boxes": t["boxes"].float(), "labels": t["labels"]} for t in targets])
     with contextlib.redirect_stdout(stdio.StringIO()):  # pycocotools prints its table on every evaluation
         r = metric.compute()
+    precision = r["precision"][:, :, :, 0, -1]  # every IoU threshold, recall point and class; all areas, N boxes
+    seen = precision > -1
+    # COCOeval summarises map at 100 detections whatever maxDets holds (-1 without 100): take it at N, as the rest
+    r["map"] = precision[seen].mean() if seen.any() else torch.tensor(-1.0)
     out = {k: float(r[k]) for k in ("map", "map_50", "map_75", "map_small", "map_medium", "map_large",
-                                    "mar_1", "mar_10", "mar_100") if float(r[k]) >= 0}  # -1: no such boxes
+                                    "mar_1", "mar_10", f"mar_{n}") if float(r[k]) >= 0}  # -1: no such boxes
     labels = torch.cat([t["labels"] for t in targets]) if targets else torch.zeros(0, dtype=torch.int64)
     counts = np.bincount(labels.numpy(), minlength=len(classes))
     recall = np.linspace(0, 1, r["precision"].shape[1])
     per_class, curves = {}, {}
     for j, k in enumerate(r["classes"].flatten().tolist()):
-        p50 = r["precision"][0, :, j, 0, -1].numpy()  # IoU 0.5, every recall point, all areas, 100 detections
+        p50 = r["precision"][0, :, j, 0, -1].numpy()  # IoU 0.5, every recall point, all areas, N detections
         seen = p50 > -1
         per_class[classes[k]] = {"ap": round(float(r["map_per_class"].flatten()[j]), 4),
                                  "ap50": round(float(p50[seen].mean()), 4) if seen.any() else -1.0,
-                                 "recall_100": round(float(r["mar_100_per_class"].flatten()[j]), 4),
+                                 f"recall_{n}": round(float(r[f"mar_{n}_per_class"].flatten()[j]), 4),
                                  "test_boxes": int(counts[k])}
         if seen.any():
             curves[classes[k]] = (recall[seen], p50[seen])
     return out, per_class, curves
+
+
+def window_config(spec: Any) -> tuple[int, int, int, float] | None:
+    """`detection.window` ({size, overlap, edge, nms}, or null: whole images) as (size, overlap, edge, nms)."""
+    if spec is None or spec is False:
+        return None
+    unknown = set(spec) - {"size", "overlap", "edge", "nms"}
+    if unknown:
+        raise LabError(f"detection.window has unknown key(s) {sorted(unknown)}; use size, overlap, edge and nms")
+    size, overlap, edge = int(spec.get("size", 256)), int(spec.get("overlap", 0)), int(spec.get("edge", 0))
+    nms = float(spec.get("nms", 0.5))
+    if size < 1 or not 0 <= overlap < size or not 0 <= edge < size // 2 or not 0 < nms <= 1:
+        raise LabError(f"detection.window={dict(spec)} needs size >= 1, 0 <= overlap < size, 0 <= edge < size/2 "
+                       "and 0 < nms <= 1 (e.g. {size: 256, overlap: 128, edge: 4, nms: 0.3})")
+    return size, overlap, edge, nms
 
 
 def read_image(path: Path, channels: int) -> torch.Tensor:

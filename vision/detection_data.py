@@ -433,7 +433,8 @@ def coco_dict(det: Detections) -> dict[str, Any]:
 
 # ---- tiles, trees and configs ---------------------------------------------------------------------------
 
-def _starts(length: int, size: int, stride: int) -> list[int]:
+def window_starts(length: int, size: int, stride: int) -> list[int]:
+    """Start offsets of windows `size` long, `stride` apart, covering `length` (the last flush with its end)."""
     if length <= size:
         return [0]
     starts = list(range(0, length - size + 1, stride))
@@ -454,8 +455,8 @@ def tile(det: Detections, size: int, overlap: int = 0, min_visible: float = 0.5)
         c, h, w = img.shape
         boxes, labels = target["boxes"], target["labels"]
         area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        for y in _starts(h, size, size - overlap):
-            for x in _starts(w, size, size - overlap):
+        for y in window_starts(h, size, size - overlap):
+            for x in window_starts(w, size, size - overlap):
                 piece = img[:, y:y + size, x:x + size]
                 if piece.shape[1:] != (size, size):
                     padded = torch.zeros((c, size, size), dtype=img.dtype)
@@ -473,10 +474,10 @@ def tile(det: Detections, size: int, overlap: int = 0, min_visible: float = 0.5)
 
 
 def trees(root: str | Path, split: str, test_images: Sequence[str], tile_size: int, overlap: int,
-          min_visible: float, *, skip_bad: bool = False, channels: int = 3) -> Detections:
+          min_visible: float, *, skip_bad: bool = False, channels: int = 3, tile_test: bool = True) -> Detections:
     """The DeepForest tree-crown sample under the data root `root` (`trees/images`, `trees/annotations`), every
     label mapped to "Tree": the images named (by stem) in `test_images` for split "test", the others for
-    "train", cut into tiles."""
+    "train", cut into tiles (the test images too unless `tile_test` is false: then whole, with every box)."""
     base = Path(root).expanduser() / "trees"
     if not (base / "images").is_dir() or not (base / "annotations").is_dir():
         raise LabError(f"{base} has no images/ and annotations/ folders: put the DeepForest sample there "
@@ -499,7 +500,7 @@ def trees(root: str | Path, split: str, test_images: Sequence[str], tile_size: i
         for o in e.objects:
             o.name = "Tree" if o.name else o.name
     det = _load(chosen, ("Tree",), skip_bad, channels)
-    return tile(det, tile_size, overlap, min_visible)
+    return det if split == "test" and not tile_test else tile(det, tile_size, overlap, min_visible)
 
 
 def split_dirs(root: Path) -> dict[str, Path] | None:
@@ -626,7 +627,7 @@ def from_config(d: Mapping[str, Any], split: str) -> Detections:
     if name == "trees":
         return _first(trees(d.get("root") or data.default_root(), split, list(d.get("test_images") or []),
                             int(d.get("tile_size", 256)), int(d.get("overlap", 0)), float(d.get("min_visible", 0.5)),
-                            skip_bad=skip_bad, channels=channels), limit)
+                            skip_bad=skip_bad, channels=channels, tile_test=bool(d.get("tile_test", True))), limit)
     if name == "voc_folder":
         return _voc_config(d, split, skip_bad, channels, limit)
     if name == "coco":

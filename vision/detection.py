@@ -9,7 +9,9 @@ Evaluation is COCO's (torchmetrics' MeanAveragePrecision over pycocotools' COCOe
 AP; a detection counts at IoU >= 0.5 for AP50. Each evaluation also writes `media/`: test images with the
 ground truth (green) beside the predictions (class and score, at `detection.score_threshold` or above; in
 W&B the raw images with native box overlays, both sets, every score), the precision-recall curve of each
-class at IoU 0.5 (PNG) and a table of per-class AP (CSV, a W&B Table).
+class at IoU 0.5 (PNG) and a table of per-class AP (CSV, a W&B Table). `detection.max_detections` boxes per
+image count (COCO's 100 by default); `detection.window` detects images larger than its size in overlapping
+sliding windows (`Detection._windowed`), for the test split and `mode=predict`.
 
     python -m lab +experiment=detect_digits mode=eval checkpoint=RUN/checkpoints/best.pt
     python -m lab +experiment=detect_digits mode=predict checkpoint=RUN/checkpoints/best.pt input=DIR

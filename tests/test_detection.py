@@ -222,7 +222,6 @@ def test_detect_trees_and_detect_folder_smoke(tmp_path: Path) -> None:
         assert first["data/train_images"] == (4 if name == "trees" else 8) and first["data/test_boxes"] > 0, first
 
 
-
 class _Oracle(torch.nn.Module):
     """A "detector" that boxes each bright 20x20 square of its input (connected pixels), scored by the share of
     the square inside the input, as a real detector scores a crown cut by a tile edge lower."""

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from lab import io, media
 from lab.config import build
@@ -126,7 +126,7 @@ class Detection(ImageTask):
                                       transform=augmentation(d.get("augment"), channels))
         self.eval_batch_size = int(d.eval_batch_size)
         self.show = cfg.detection
-        self.max_detections = int(cfg.detection.get("max_detections") or 100)
+        self.max_detections = check_max_detections(cfg.detection.get("max_detections") or 100)  # before training
         self.window = window_config(cfg.detection.get("window"))
         skipped = [*self.train_set.skipped, *self.test_set.skipped]
         self.describe({"data/train_images": len(self.train_set.images), "data/test_images": len(self.test_set.images),
@@ -168,25 +168,21 @@ class Detection(ImageTask):
         the object is under `overlap - edge` px), the rest shift back to image pixels and meet class-wise NMS
         at IoU `nms` across windows; the `detection.max_detections` best stay."""
         size, overlap, edge, nms = self.window
-        c, h, w = image.shape
-        stride = size - overlap
-        offsets = [(x, y) for y in detection_data.window_starts(h, size, stride)
-                   for x in detection_data.window_starts(w, size, stride)]
-        crops = []
-        for x, y in offsets:
-            crop = image[:, y:y + size, x:x + size]
-            crops.append(torch.nn.functional.pad(crop, (0, size - crop.shape[2], 0, size - crop.shape[1])))
+        _, h, w = image.shape
+        offsets, crops = [], []
+        for x, y, crop in detection_data.windows(image, size, overlap):
+            offsets.append((x, y))
+            crops.append(crop)
         boxes, scores, labels = [], [], []
         for (x, y), p in zip(offsets, self._forward(crops)):
-            b = p["boxes"]
+            b = p["boxes"]  # within the window: with edge 0 nothing is cut
             cut = (((x > 0) & (b[:, 0] < edge)) | ((y > 0) & (b[:, 1] < edge))
                    | ((x + size < w) & (b[:, 2] > size - edge)) | ((y + size < h) & (b[:, 3] > size - edge)))
-            keep = ~cut if edge > 0 else torch.ones(len(b), dtype=torch.bool)
-            boxes.append(b[keep] + torch.tensor([x, y, x, y], dtype=b.dtype))
-            scores.append(p["scores"][keep])
-            labels.append(p["labels"][keep])
-        b, s, lab = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
-        b = torch.stack([b[:, 0].clamp(0, w), b[:, 1].clamp(0, h), b[:, 2].clamp(0, w), b[:, 3].clamp(0, h)], 1)
+            boxes.append(b[~cut] + torch.tensor([x, y, x, y], dtype=b.dtype))
+            scores.append(p["scores"][~cut])
+            labels.append(p["labels"][~cut])
+        b = clip_boxes_to_image(torch.cat(boxes), (h, w))  # a padded window's boxes may pass the image's edge
+        s, lab = torch.cat(scores), torch.cat(labels)
         keep = batched_nms(b, s, lab, nms)[: self.max_detections]  # sorted by score, best first
         return {"boxes": b[keep], "scores": s[keep], "labels": lab[keep]}
 
@@ -274,10 +270,7 @@ def coco_metrics(preds: list[dict[str, torch.Tensor]], targets: list[dict[str, t
     (COCO's 101 recall points, all sizes, N detections)."""
     from torchmetrics.detection import MeanAveragePrecision
 
-    n = int(max_detections)
-    if n < 10:
-        raise LabError(f"detection.max_detections={n} must be at least 10 (COCO's evaluation also reports "
-                       "recall at 1 and 10 detections); use 100 (COCO's) or more")
+    n = check_max_detections(max_detections)
     metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True, extended_summary=True,
                                   backend="pycocotools", max_detection_thresholds=[1, 10, n])
     metric.update([{k: p[k] for k in ("boxes", "scores", "labels")} for p in preds],
@@ -304,6 +297,14 @@ def coco_metrics(preds: list[dict[str, torch.Tensor]], targets: list[dict[str, t
         if seen.any():
             curves[classes[k]] = (recall[seen], p50[seen])
     return out, per_class, curves
+
+
+def check_max_detections(n: Any) -> int:
+    """`detection.max_detections` as an int, at least 10 (COCO's evaluation also reports recall at 1 and 10)."""
+    if int(n) < 10:
+        raise LabError(f"detection.max_detections={n} must be at least 10 (COCO's evaluation also reports "
+                       "recall at 1 and 10 detections); use 100 (COCO's) or more")
+    return int(n)
 
 
 def window_config(spec: Any) -> tuple[int, int, int, float] | None:

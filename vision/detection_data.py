@@ -43,7 +43,7 @@ import dataclasses
 import json
 import math
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -433,12 +433,21 @@ def coco_dict(det: Detections) -> dict[str, Any]:
 
 # ---- tiles, trees and configs ---------------------------------------------------------------------------
 
-def window_starts(length: int, size: int, stride: int) -> list[int]:
-    """Start offsets of windows `size` long, `stride` apart, covering `length` (the last flush with its end)."""
+def _starts(length: int, size: int, stride: int) -> list[int]:
     if length <= size:
         return [0]
     starts = list(range(0, length - size + 1, stride))
     return starts if starts[-1] == length - size else [*starts, length - size]
+
+
+def windows(image: torch.Tensor, size: int, overlap: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(x, y, crop) of the `size`x`size` windows of a (C, H, W) image, `size - overlap` apart, row by row, the
+    last row and column flush with the image's edges; a window past a side shorter than `size` is zero-padded."""
+    _, h, w = image.shape
+    for y in _starts(h, size, size - overlap):
+        for x in _starts(w, size, size - overlap):
+            crop = image[:, y:y + size, x:x + size]
+            yield x, y, torch.nn.functional.pad(crop, (0, size - crop.shape[2], 0, size - crop.shape[1]))
 
 
 def tile(det: Detections, size: int, overlap: int = 0, min_visible: float = 0.5) -> Detections:
@@ -452,24 +461,17 @@ def tile(det: Detections, size: int, overlap: int = 0, min_visible: float = 0.5)
         raise LabError(f"data.min_visible={min_visible} must be a share of a box's area, in [0, 1]")
     out = Detections([], [], [], det.classes, list(det.skipped))
     for img, target, name in zip(det.images, det.targets, det.names):
-        c, h, w = img.shape
         boxes, labels = target["boxes"], target["labels"]
         area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        for y in window_starts(h, size, size - overlap):
-            for x in window_starts(w, size, size - overlap):
-                piece = img[:, y:y + size, x:x + size]
-                if piece.shape[1:] != (size, size):
-                    padded = torch.zeros((c, size, size), dtype=img.dtype)
-                    padded[:, :piece.shape[1], :piece.shape[2]] = piece
-                    piece = padded
-                clipped = boxes - torch.tensor([x, y, x, y], dtype=boxes.dtype)
-                clipped = torch.stack([clipped[:, 0].clamp(0, size), clipped[:, 1].clamp(0, size),
-                                       clipped[:, 2].clamp(0, size), clipped[:, 3].clamp(0, size)], 1)
-                inside = (clipped[:, 2] - clipped[:, 0]).clamp(min=0) * (clipped[:, 3] - clipped[:, 1]).clamp(min=0)
-                keep = (inside > 0) & (inside >= min_visible * area)
-                out.images.append(piece.contiguous())
-                out.targets.append({"boxes": clipped[keep].contiguous(), "labels": labels[keep].clone()})
-                out.names.append(f"{Path(name).stem}_x{x}_y{y}.png")
+        for x, y, piece in windows(img, size, overlap):
+            clipped = boxes - torch.tensor([x, y, x, y], dtype=boxes.dtype)
+            clipped = torch.stack([clipped[:, 0].clamp(0, size), clipped[:, 1].clamp(0, size),
+                                   clipped[:, 2].clamp(0, size), clipped[:, 3].clamp(0, size)], 1)
+            inside = (clipped[:, 2] - clipped[:, 0]).clamp(min=0) * (clipped[:, 3] - clipped[:, 1]).clamp(min=0)
+            keep = (inside > 0) & (inside >= min_visible * area)
+            out.images.append(piece.contiguous())
+            out.targets.append({"boxes": clipped[keep].contiguous(), "labels": labels[keep].clone()})
+            out.names.append(f"{Path(name).stem}_x{x}_y{y}.png")
     return out
 
 

@@ -2,8 +2,8 @@
 
 Config: `model` (conf/model/nic.yaml: the encoder from the lab's zoo, `attention`, sizes), `optimizer`,
 `scheduler`, `data` (conf/data/caption_digits | coco_captions | flickr8k: the images and their reference
-captions, `vocab_size`, `min_freq`, `max_len`, `batch_size`), `decode` (`beam_size`: 1 is greedy search,
-`length_norm`, `max_len`) and `captioning` (what the media show, the attention penalty).
+captions, `vocab_size`, `min_freq`, `max_len`, `batch_size`, `bucket_pool`), `decode` (`beam_size`: 1 is
+greedy search, `length_norm`, `max_len`) and `captioning` (what the media show, the attention penalty).
 
 Training pairs every image, once an epoch, with one of its reference captions drawn at random, and minimises
 the words' cross-entropy under teacher forcing (with attention, plus Show, Attend and Tell's penalty
@@ -77,6 +77,12 @@ def load(d: Mapping[str, Any], split: str) -> CaptionSet:
     return CaptionSet(got.images, got.captions, got.names, lowercase, skipped=got.skipped)
 
 
+def words_per_caption(encoded: list[list[list[int]]]) -> float:
+    """The mean number of predicted words (the words and EOS) of the encoded training captions: the loss's
+    divisor per image."""
+    return sum(len(c) - 1 for caps in encoded for c in caps) / max(1, sum(len(caps) for caps in encoded))
+
+
 def encode(vocab: Vocabulary, tokens: list[str], max_len: int | None) -> list[int]:
     """BOS, the word ids (cut after `max_len` words), EOS."""
     return [BOS, *vocab.encode(tokens, max_len), EOS]
@@ -98,10 +104,12 @@ def text_scores(references: list[list[list[str]]], captions: list[list[str]]) ->
 class CaptionLoader:
     """Batches (images (B, C, S, S) float in [0, 1], captions (B, T) ids BOS .. EOS padded) on the device: every
     image once an epoch, in a permutation of `(seed, epoch)`, with one of its captions drawn at random; each
-    DDP rank its own share."""
+    DDP rank its own share. With `pool` > 1, each run of `pool` batches is sorted by caption length before it
+    is cut into batches and the batches are shuffled (as the text family's `BucketLoader`): a batch pads only to
+    its own longest caption, and the decoder runs that many steps, not the longest of a random batch."""
 
     def __init__(self, images: torch.Tensor, captions: list[list[list[int]]], batch_size: int,
-                 device: torch.device, seed: int = 0, rank: int = 0, world_size: int = 1):
+                 device: torch.device, seed: int = 0, rank: int = 0, world_size: int = 1, pool: int = 0):
         self.images = images.to(device)
         flat = [c for caps in captions for c in caps]
         self.first = torch.tensor([0, *torch.tensor([len(c) for c in captions]).cumsum(0).tolist()[:-1]])
@@ -111,7 +119,10 @@ class CaptionLoader:
             self.ids[i, : len(c)] = torch.tensor(c)
         self.lengths = torch.tensor([len(c) for c in flat])
         self.batch_size, self.device, self.seed, self.epoch = int(batch_size), device, seed, 0
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.pool = rank, world_size, int(pool or 0)
+        if self.pool < 0:
+            raise LabError(f"data.bucket_pool={pool} must be 0 (random batches) or a number of batches sorted "
+                           "by length together")
         if len(self) < 1:
             raise LabError(f"{len(images)} training images over {world_size} rank(s) make no batch of "
                            f"{batch_size}; lower data.batch_size or use more images")
@@ -126,9 +137,18 @@ class CaptionLoader:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(len(self.images), generator=g)[self.rank:: self.world_size]
         pick = self.first[order] + (torch.rand(len(order), generator=g) * self.count[order]).long()
-        for i in range(len(self)):
-            b, c = order[i * self.batch_size: (i + 1) * self.batch_size], pick[i * self.batch_size:
-                                                                               (i + 1) * self.batch_size]
+        n = len(self) * self.batch_size
+        order, pick = order[:n], pick[:n]
+        if self.pool > 1:
+            span = self.batch_size * self.pool
+            sort = torch.cat([start + torch.argsort(self.lengths[pick[start: start + span]], descending=True,
+                                                    stable=True) for start in range(0, n, span)])
+            order, pick = order[sort], pick[sort]
+        batches = torch.arange(n).view(-1, self.batch_size)
+        if self.pool > 1:
+            batches = batches[torch.randperm(len(batches), generator=g)]
+        for rows in batches:
+            b, c = order[rows], pick[rows]
             t = int(self.lengths[c].max())
             yield (self.images[b.to(self.images.device)].float().div_(255),
                    self.ids[c, :t].to(self.device, non_blocking=True))
@@ -157,7 +177,10 @@ class Captioning(ImageTask):
         self.model = build(cfg.model, "model", vocab_size=len(self.vocab), in_channels=channels,
                            image_size=int(train.images.shape[-1]), _recursive_=False)  # the encoder: built by NIC
         self.loader = CaptionLoader(train.images, encoded, int(d.batch_size), ctx.device, ctx.seed,
-                                    ctx.dist.rank, ctx.dist.world_size)
+                                    ctx.dist.rank, ctx.dist.world_size, pool=int(d.get("bucket_pool") or 0))
+        # the loss divides a batch's summed word losses by this constant, so every word weighs the same whatever
+        # the length of the batch's captions (a mean per batch would weigh the words of short batches more)
+        self.words_per_caption = words_per_caption(encoded)
         self.eval_batch_size = int(d.get("eval_batch_size", 100))
         self.image_size = int(train.images.shape[-1])
         unknown_share = sum(i == 1 for caps in encoded for c in caps for i in c) / max(
@@ -194,8 +217,9 @@ class Captioning(ImageTask):
         logits, alphas = self.model(images, ids[:, :-1])
         logits = logits.float()
         mask = targets != PAD
-        loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=PAD,
+        loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=PAD, reduction="sum",
                                label_smoothing=float(self.cfg.get("label_smoothing", 0.0)))
+        loss = loss / (len(images) * self.words_per_caption)
         out = {}
         penalty = float(self.show.get("attention_penalty", 0.0))
         if alphas is not None and penalty:

@@ -13,11 +13,12 @@ detector trained from scratch, same data, steps and schedule.
 
 Both evaluate on the whole held-out image (`data.test_images`, never seen in training; its 279 crowns, each
 once) every `trainer.eval_every` steps with COCO's evaluation (up to 1,000 boxes), detecting it in 256 px
-windows as the model trained (`detection.window`: overlapping by 128, cut boxes dropped, NMS across
-windows). The record keeps every evaluation (AP50, mAP@[.5:.95], AP75, recall), the final and best AP50,
-the training images/s and wall seconds of each side, and whether the pretrained side's final AP50 reaches
-the target. Both train in the experiment's `trainer.precision=auto`: bf16 on a CPU that has it natively,
-which then trains 16 epochs instead of the yaml's 8 (`KIND_ARGS`).
+windows as the model trained (`detection.window`: overlapping by 128, cut boxes dropped, the windows' boxes
+merged) in its eight dihedral views, fused (`detection.tta`); the last checkpoint is also scored in one view
+(`mode=eval detection.tta=null`, `final_one_view`). The record keeps every evaluation (AP50, mAP@[.5:.95],
+AP75, recall), the final and best AP50, the training images/s and wall seconds of each side, and whether the
+pretrained side's final AP50 reaches the target. Both train in the experiment's `trainer.precision=auto`:
+bf16 on a CPU that has it natively, which then trains 16 epochs instead of the yaml's 8 (`KIND_ARGS`).
 Writes benchmarks/results/<name>.json (default detect_trees; detect_trees_avx2 on a CPU without native bf16)
 and, beside it, each side's last precision-recall curve and the test image with its boxes (PNG).
 """
@@ -50,8 +51,13 @@ def side(args: list[str], run_dir: Path) -> dict[str, Any]:
     rows, wall = record.run_lab(args, run_dir)
     evals = record.evaluations(rows, "eval/map", ("eval/map", "eval/mar"))
     model = OmegaConf.load(run_dir / "config.yaml").model
+    one = [*args, "mode=eval", f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}", "detection.tta=null"]
+    one_rows, _ = record.run_lab(one, run_dir.with_name(run_dir.name + "_one_view"))
+    single = next(r for r in reversed(one_rows) if "eval/map_50" in r)
     return {"command": " ".join(["python -m lab", *args]), "wall_s": round(wall, 1), "evaluations": evals,
             "final": evals[-1], "best_map_50": max(e["map_50"] for e in evals),
+            "final_one_view": {k.split("/", 1)[1]: round(v, 4) for k, v in single.items()
+                               if k.startswith(("eval/map", "eval/mar"))},
             "train_images_per_s_median": record.median_samples_per_s(rows),
             "backbone": OmegaConf.to_container(model.backbone), "weights": model.weights, "freeze": model.freeze}
 

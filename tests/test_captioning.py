@@ -186,3 +186,30 @@ def test_the_encoder_loads_a_lab_classifiers_weights_and_can_stay_frozen(tmp_pat
     assert captioners.NIC(12, 1, "resnet20", image_size=16, level=4).grid == (4, 4)
     with pytest.raises(LabError, match="model.encoder=lstm is not a lab classifier"):
         captioners.NIC(12, 1, "lstm", image_size=16, level=4)
+
+
+def test_caption_batches_cover_every_image_once_and_bucketing_sorts_by_length() -> None:
+    """Random batches (pool 0) and length-sorted ones (pool N) both take every image once an epoch with one of
+    its own captions; sorted ones pad less; the loss's divisor is the mean caption's predicted words."""
+    from vision.captioning import CaptionLoader, words_per_caption
+
+    g = torch.Generator().manual_seed(0)
+    n, lengths = 96, torch.randint(1, 12, (96,), generator=g).tolist()
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
+    # image i's captions: BOS, i+4 repeated (its length, and the second one word longer), EOS
+    captions = [[[BOS, *[i + 4] * k, EOS], [BOS, *[i + 4] * (k + 1), EOS]] for i, k in enumerate(lengths)]
+    assert words_per_caption(captions) == pytest.approx(sum(2 * k + 3 for k in lengths) / (2 * n))
+    padded = {}
+    for pool in (0, 4):
+        loader = CaptionLoader(images, captions, 8, torch.device("cpu"), seed=1, pool=pool)
+        seen, pads = [], 0
+        for x, ids in loader:
+            seen += x[:, 0, 0, 0].mul(255).round().long().tolist()
+            for img, row in zip(x[:, 0, 0, 0].mul(255).round().long().tolist(), ids.tolist()):
+                assert {w for w in row if w not in (BOS, EOS, PAD)} == {img + 4}  # one of its own captions
+            pads += int((ids == PAD).sum())
+        assert sorted(seen) == list(range(n)) and len(loader) == n // 8
+        padded[pool] = pads
+    assert padded[4] < padded[0] / 2
+    with pytest.raises(LabError, match=r"data.bucket_pool=-1 must be 0"):
+        CaptionLoader(images, captions, 8, torch.device("cpu"), pool=-1)

@@ -207,6 +207,7 @@ def test_detect_trees_and_detect_folder_smoke(tmp_path: Path) -> None:
              "data.batch_size=2", "data.eval_batch_size=4", "detection.media_images=2", "data.test_subset=4",
              "model.rpn_post_nms_top_n_train=64", "model.box_batch_size_per_image=16"]
     cases = {"trees": ["+experiment=detect_trees", "data.subset=4", "model.min_size=128", "model.max_size=128",
+                       "detection.tta.views=hflip",  # two views, not the yaml's eight
                        "model.image_size=128", *small],
              "folder": ["+experiment=detect_folder", f"data.path={folder}", "data.channels=1", "model.min_size=64",
                         "model.max_size=64", "model.image_size=64", "model.levels=[8,16]", "model.extra_pool=false",
@@ -255,6 +256,7 @@ def test_windowed_detection_finds_each_object_of_a_large_image_once() -> None:
     torch.nn.Module.__init__(task)
     task.model, task.ctx, task.eval_batch_size, task.max_detections = _Oracle(), SimpleNamespace(
         device=torch.device("cpu")), 4, 100
+    task.tta = None
     truth = sorted(squares)
     for overlap, edge in ((40, 2), (40, 0)):  # windows 64 px, 24 apart; with edge 0 NMS alone merges the cuts
         task.window = window_config({"size": 64, "overlap": overlap, "edge": edge, "nms": 0.3})
@@ -279,3 +281,43 @@ def test_windowed_detection_finds_each_object_of_a_large_image_once() -> None:
     shifted = _preds(GT[0]["boxes"] + torch.tensor([10.0, 0.0, 10.0, 0.0]))  # as at dx=10 above: the same mAP
     at_100, at_1000 = (coco_metrics(shifted, GT, ("a", "b"), n)[0]["map"] for n in (100, 1000))
     assert at_1000 == pytest.approx(at_100)
+
+
+def test_test_time_views_map_back_and_fuse_by_weighted_box_fusion() -> None:
+    """Each of the eight dihedral views of a non-square image (with windows too) finds the same squares, mapped
+    back exactly, fused once each at the views' mean score; fusion averages boxes weighted by score, class by
+    class, and divides a box few views found by the number of views."""
+    from types import SimpleNamespace
+
+    from vision.detection import Detection, tta_config, unview, view, weighted_box_fusion, window_config
+
+    squares = [[10, 10, 30, 30], [50, 40, 70, 60], [110, 100, 130, 120], [150, 5, 170, 25], [180, 130, 200, 150]]
+    image = torch.zeros((1, 160, 210), dtype=torch.uint8)
+    for x0, y0, x1, y1 in squares:
+        image[:, y0:y1, x0:x1] = 255
+    for ops in tta_config({"views": "dihedral"})[0]:
+        seen = view(image, ops)
+        assert seen.shape[1:] == ((210, 160) if "t" in ops else (160, 210))
+        (found,) = _Oracle()([seen.float() / 255])
+        assert sorted(unview(found["boxes"], ops, (160, 210)).int().tolist()) == squares, ops
+    task = Detection.__new__(Detection)
+    torch.nn.Module.__init__(task)
+    task.model, task.ctx, task.eval_batch_size, task.max_detections = _Oracle(), SimpleNamespace(
+        device=torch.device("cpu")), 4, 100
+    for window in (None, {"size": 64, "overlap": 40, "edge": 2, "nms": 0.3}):
+        task.window, task.tta = window_config(window), tta_config({"views": "dihedral", "iou": 0.4})
+        (pred,) = task.detect([image])
+        assert sorted(pred["boxes"].round().int().tolist()) == squares
+        assert pred["scores"].tolist() == pytest.approx([1.0] * 5)
+
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [2.0, 0.0, 12.0, 10.0], [0.0, 0.0, 10.0, 10.0], [40, 40, 50, 50]])
+    b, s, lab = weighted_box_fusion(boxes, torch.tensor([0.8, 0.4, 0.5, 0.6]), torch.tensor([0, 0, 1, 0]), 2, 0.55)
+    # class 0: the first two (IoU 2/3) fuse to their score-weighted mean at (0.8 + 0.4) / 2; the lone boxes halve
+    assert s.tolist() == pytest.approx([0.6, 0.3, 0.25])
+    assert b[0].tolist() == pytest.approx([2 / 3, 0.0, 32 / 3, 10.0]) and lab.tolist() == [0, 0, 1]
+    assert b[1].tolist() == [40, 40, 50, 50] and b[2].tolist() == [0, 0, 10, 10]
+    assert tta_config(None) is None
+    with pytest.raises(LabError, match=r"detection.tta=.* needs views: hflip or dihedral"):
+        tta_config({"views": "rotate"})
+    with pytest.raises(LabError, match=r"detection.tta has unknown key\(s\) \['nms'\]"):
+        tta_config({"views": "hflip", "nms": 0.5})

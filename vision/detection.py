@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torchvision.ops import batched_nms, clip_boxes_to_image
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
 from lab import io, media
 from lab.config import build
@@ -128,6 +128,7 @@ class Detection(ImageTask):
         self.show = cfg.detection
         self.max_detections = check_max_detections(cfg.detection.get("max_detections") or 100)  # before training
         self.window = window_config(cfg.detection.get("window"))
+        self.tta = tta_config(cfg.detection.get("tta"))
         skipped = [*self.train_set.skipped, *self.test_set.skipped]
         self.describe({"data/train_images": len(self.train_set.images), "data/test_images": len(self.test_set.images),
                        "data/train_boxes": sum(len(t["labels"]) for t in self.train_set.targets),
@@ -148,7 +149,24 @@ class Detection(ImageTask):
     # ---- evaluation ------------------------------------------------------------------------------
     def detect(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """Detections (boxes xyxy, scores, 0-based labels) on CPU for uint8 images, `eval_batch_size` at a time;
-        with `detection.window`, an image wider or taller than the window is detected window by window."""
+        with `detection.window`, an image wider or taller than the window is detected window by window; with
+        `detection.tta`, every image is detected in each view (flipped, turned) and the views' boxes, mapped
+        back, are merged by weighted box fusion."""
+        if self.tta is None:
+            return self._detect(images)
+        views, iou = self.tta
+        seen = [self._detect([view(x, v) for x in images]) for v in views]
+        out = []
+        for i, x in enumerate(images):
+            parts = [(unview(p[i]["boxes"], v, tuple(x.shape[-2:])), p[i]["scores"], p[i]["labels"])
+                     for v, p in zip(views, seen)]
+            b, s, lab = (torch.cat(t) for t in zip(*parts))
+            b, s, lab = weighted_box_fusion(b, s, lab, len(views), iou)
+            out.append({"boxes": b[: self.max_detections], "scores": s[: self.max_detections],
+                        "labels": lab[: self.max_detections]})
+        return out
+
+    def _detect(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         big = [self.window is not None and max(x.shape[-2:]) > self.window[0] for x in images]
         small = iter(self._forward([x for x, b in zip(images, big) if not b]))
         return [self._windowed(x) if b else next(small) for x, b in zip(images, big)]
@@ -320,6 +338,76 @@ def window_config(spec: Any) -> tuple[int, int, int, float] | None:
         raise LabError(f"detection.window={dict(spec)} needs size >= 1, 0 <= overlap < size, 0 <= edge < size/2 "
                        "and 0 < nms <= 1 (e.g. {size: 256, overlap: 128, edge: 4, nms: 0.3})")
     return size, overlap, edge, nms
+
+
+# Test-time views: "t" transposes (swaps height and width), "h" flips left-right, "v" flips upside down, applied
+# in that order; the eight "dihedral" views are the square's symmetries (aerial images have no up and no north).
+TTA_VIEWS = {"hflip": ("", "h"), "dihedral": ("", "h", "v", "hv", "t", "th", "tv", "thv")}
+
+
+def tta_config(spec: Any) -> tuple[tuple[str, ...], float] | None:
+    """`detection.tta` ({views: hflip | dihedral, iou}, or null: one view) as (views, fusion IoU)."""
+    if spec is None or spec is False:
+        return None
+    unknown = set(spec) - {"views", "iou"}
+    if unknown:
+        raise LabError(f"detection.tta has unknown key(s) {sorted(unknown)}; use views and iou")
+    views, iou = spec.get("views", "hflip"), float(spec.get("iou", 0.55))
+    if views not in TTA_VIEWS or not 0 < iou <= 1:
+        raise LabError(f"detection.tta={dict(spec)} needs views: {' or '.join(TTA_VIEWS)} and 0 < iou <= 1 "
+                       "(e.g. {views: dihedral, iou: 0.4}); a flipped digit is no digit: use tta: null there")
+    return TTA_VIEWS[views], iou
+
+
+def view(image: torch.Tensor, ops: str) -> torch.Tensor:
+    """A (C, H, W) image seen through `ops` (TTA_VIEWS)."""
+    if "t" in ops:
+        image = image.transpose(1, 2)
+    if "h" in ops:
+        image = image.flip(2)
+    if "v" in ops:
+        image = image.flip(1)
+    return image.contiguous()
+
+
+def unview(boxes: torch.Tensor, ops: str, size: tuple[int, int]) -> torch.Tensor:
+    """xyxy boxes found in `view(image, ops)` mapped back onto the image of `size` (H, W)."""
+    h, w = (size[1], size[0]) if "t" in ops else size  # the view's height and width
+    if "v" in ops:
+        boxes = torch.stack([boxes[:, 0], h - boxes[:, 3], boxes[:, 2], h - boxes[:, 1]], 1)
+    if "h" in ops:
+        boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+    if "t" in ops:
+        boxes = boxes[:, [1, 0, 3, 2]]
+    return boxes
+
+
+def weighted_box_fusion(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, views: int,
+                        iou: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weighted box fusion (Solovyev et al., 2021) of the detections of `views` views of one image, class by
+    class: the best box not yet taken gathers every untaken box of its class at IoU >= `iou` with it; the
+    fused box is their score-weighted mean and its score their summed score over max(`views`, their number),
+    so an object every view found keeps its mean score and one view's stray box is divided by `views`. Unlike
+    NMS, which keeps one view's box, the views' boxes are averaged. Returns the fused boxes, best first."""
+    order = scores.argsort(descending=True)
+    boxes, scores, labels = boxes[order], scores[order], labels[order]
+    free = torch.ones(len(boxes), dtype=torch.bool)
+    fused, fused_scores, fused_labels = [], [], []
+    for i in range(len(boxes)):
+        if not free[i]:
+            continue
+        group = free & (labels == labels[i]) & (box_iou(boxes[i: i + 1], boxes)[0] >= iou)
+        group[i] = True
+        free &= ~group
+        w = scores[group]
+        fused.append((boxes[group] * w[:, None]).sum(0) / w.sum())
+        fused_scores.append(w.sum() / max(views, int(group.sum())))
+        fused_labels.append(labels[i])
+    if not fused:
+        return boxes, scores, labels
+    s = torch.stack(fused_scores)
+    order = s.argsort(descending=True)
+    return torch.stack(fused)[order], s[order], torch.stack(fused_labels)[order]
 
 
 def read_image(path: Path, channels: int) -> torch.Tensor:

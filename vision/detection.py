@@ -11,7 +11,8 @@ ground truth (green) beside the predictions (class and score, at `detection.scor
 W&B the raw images with native box overlays, both sets, every score), the precision-recall curve of each
 class at IoU 0.5 (PNG) and a table of per-class AP (CSV, a W&B Table). `detection.max_detections` boxes per
 image count (COCO's 100 by default); `detection.window` detects images larger than its size in overlapping
-sliding windows (`Detection._windowed`), for the test split and `mode=predict`.
+sliding windows (`Detection._windowed`), for the test split and `mode=predict`; `detection.tta` detects each
+such image in flipped (and turned) views too and merges them by weighted box fusion.
 
     python -m lab +experiment=detect_digits mode=eval checkpoint=RUN/checkpoints/best.pt
     python -m lab +experiment=detect_digits mode=predict checkpoint=RUN/checkpoints/best.pt input=DIR

@@ -19,7 +19,7 @@ by greedy search and by beam search, then the better of them against a plain PyT
    greedy decoding and scoring of the same test scenes. The ratio is the lab's training images/s over the
    loop's. On an AVX512-BF16 CPU both train 16 epochs instead of the yaml's 6 (`KIND_ARGS`).
 
-The encoder starts from the lab's `mnist_cnn` trained for `--pretrain-epochs` (1) on the MNIST train digits,
+The encoder starts from the lab's `mnist_cnn` trained for `--pretrain-epochs` (3) on the MNIST train digits,
 as NIC starts from a trained CNN; those wall seconds count towards the 10 minutes. Both models and the plain
 loop load the same checkpoint.
 
@@ -184,7 +184,7 @@ def main() -> None:
     ap.add_argument("--no-plain", action="store_true", help="skip the plain loop")
     ap.add_argument("--lab-args", nargs="*", default=[], help="extra overrides for every run")
     ap.add_argument("--workers", type=int, default=1, help="the plain loop's DataLoader workers")
-    ap.add_argument("--pretrain-epochs", type=int, default=1,
+    ap.add_argument("--pretrain-epochs", type=int, default=3,
                     help="epochs of mnist_cnn for the encoder's start (0: the encoder from scratch)")
     ap.add_argument("--pretrain-args", nargs="*", default=[], help="extra overrides for the encoder's pretraining")
     ap.add_argument("--name", default="caption_digits" + record.cpu_kind_suffix())

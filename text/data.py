@@ -206,6 +206,19 @@ def pad(encoded: Sequence[Sequence[int]], length: int | None = None) -> tuple[to
     return out, lengths.clamp(max=t)
 
 
+def length_batches(lengths: torch.Tensor, batch_size: int, pool: int, g: torch.Generator) -> list[torch.Tensor]:
+    """Positions 0..n-1 (already shuffled items, `lengths` theirs) cut into batches in which similar lengths go
+    together: each run of `pool` batches is sorted by length, longest first, and cut; the one short batch left
+    at the end is dropped; the batches come back in an order drawn from `g`."""
+    span, batches = batch_size * pool, []
+    for start in range(0, len(lengths), span):
+        chunk = torch.arange(start, min(start + span, len(lengths)))
+        batches += list(chunk[torch.argsort(lengths[chunk], descending=True, stable=True)].split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) < batch_size:
+        batches.pop()  # drop the one short batch, as the image loaders do
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
 class BucketLoader:
     """Batches of (ids (B, T), lengths (B,), labels (B,)) in which texts of similar length go together: each
     epoch shuffles the documents, sorts each pool of `pool` batches by length, cuts the pools into batches and
@@ -229,16 +242,8 @@ class BucketLoader:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(len(self.labels), generator=g)
         order = order[self.rank:: self.world_size] if self.world_size > 1 else order
-        span = self.batch_size * self.pool
-        batches = []
-        for start in range(0, len(order), span):
-            chunk = order[start: start + span]
-            chunk = chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)]
-            batches += list(chunk.split(self.batch_size))
-        if len(batches) > 1 and len(batches[-1]) < self.batch_size:
-            batches.pop()  # drop the one short batch, as the image loaders do
-        for i in torch.randperm(len(batches), generator=g).tolist():
-            b = batches[i]
+        for rows in length_batches(self.lengths[order], self.batch_size, self.pool, g):
+            b = order[rows]
             t = int(self.lengths[b].max())
             yield (self.ids[b, :t].to(self.device, non_blocking=True), self.lengths[b].to(self.device),
                    self.labels[b].to(self.device))

@@ -39,7 +39,7 @@ from lab.errors import LabError
 from lab.media import to_uint8_hwc
 from lab.plots import plt
 from lab.task import RunContext
-from text.data import SPECIALS, Vocabulary, tokenize
+from text.data import SPECIALS, Vocabulary, length_batches, tokenize
 from vision import captioners, scene_captions
 from vision.captioners import BOS, EOS, PAD
 from vision.image_task import ImageTask, input_images
@@ -119,7 +119,7 @@ class CaptionLoader:
             self.ids[i, : len(c)] = torch.tensor(c)
         self.lengths = torch.tensor([len(c) for c in flat])
         self.batch_size, self.device, self.seed, self.epoch = int(batch_size), device, seed, 0
-        self.rank, self.world_size, self.pool = rank, world_size, int(pool or 0)
+        self.rank, self.world_size, self.pool = rank, world_size, int(pool)
         if self.pool < 0:
             raise LabError(f"data.bucket_pool={pool} must be 0 (random batches) or a number of batches sorted "
                            "by length together")
@@ -139,14 +139,8 @@ class CaptionLoader:
         pick = self.first[order] + (torch.rand(len(order), generator=g) * self.count[order]).long()
         n = len(self) * self.batch_size
         order, pick = order[:n], pick[:n]
-        if self.pool > 1:
-            span = self.batch_size * self.pool
-            sort = torch.cat([start + torch.argsort(self.lengths[pick[start: start + span]], descending=True,
-                                                    stable=True) for start in range(0, n, span)])
-            order, pick = order[sort], pick[sort]
-        batches = torch.arange(n).view(-1, self.batch_size)
-        if self.pool > 1:
-            batches = batches[torch.randperm(len(batches), generator=g)]
+        batches = (length_batches(self.lengths[pick], self.batch_size, self.pool, g) if self.pool > 1
+                   else torch.arange(n).view(-1, self.batch_size))
         for rows in batches:
             b, c = order[rows], pick[rows]
             t = int(self.lengths[c].max())

@@ -16,8 +16,12 @@ by greedy search and by beam search, then the better of them against a plain PyT
    longest caption, the same model built from the same composed config, AdamW and the one-cycle schedule over
    the same steps, the same loss and clipping, in fp32 and NCHW as tutorials train (the lab: the experiment's
    `trainer.precision=auto`, bf16 where the CPU has it natively, and `trainer.channels_last`); then the same
-   greedy decoding and scoring of the same test scenes. The ratio is the lab's training images/s over the
-   loop's. On an AVX512-BF16 CPU both train 16 epochs instead of the yaml's 6 (`KIND_ARGS`).
+   greedy decoding and scoring of the same test scenes. On an AVX512-BF16 CPU both train 16 epochs instead
+   of the yaml's 6 (`KIND_ARGS`).
+3. The ratio: the lab's training images/s over the loop's, each the median over 25-step windows (the first
+   left out). This machine's speed drifts by 10-20% within minutes, and the two full runs are minutes apart,
+   so `--speed-pairs` (3) short runs of each side follow in turn (`--speed-steps` 150, no evaluation); the
+   recorded ratio is the median of the full runs' ratio and the pairs' ratios, all of which are recorded.
 
 The encoder starts from the lab's `mnist_cnn` trained for `--pretrain-epochs` (3) on the MNIST train digits,
 as NIC starts from a trained CNN; those wall seconds count towards the 10 minutes. Both models and the plain
@@ -116,14 +120,13 @@ def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tenso
     return torch.stack(images), torch.nn.utils.rnn.pad_sequence(list(captions), batch_first=True, padding_value=0)
 
 
-def plain_side(cfg: Any, steps: int, workers: int, work: Path) -> dict[str, Any]:
+def plain_setup(cfg: Any, work: Path) -> dict[str, Any]:
+    """The plain loop's data: the train scenes written as PNG files with a COCO captions JSON, read back by
+    `CaptionFolder`; the vocabulary, the words per caption (the loss's constant) and the test scenes."""
     from PIL import Image
 
-    from lab.config import build
-    from lab.optim import build_optimizer, build_scheduler
     from text.data import SPECIALS, Vocabulary, tokenize
-    from vision import captioners, scene_captions
-    from vision.captioning import WORDS, encode, load, text_scores, words_per_caption
+    from vision.captioning import WORDS, encode, load, words_per_caption
 
     d = cfg.data
     train, test = load(d, "train"), load(d, "test")
@@ -138,24 +141,39 @@ def plain_side(cfg: Any, steps: int, workers: int, work: Path) -> dict[str, Any]
     words = Vocabulary.build([t for caps in train.tokens for t in caps]).words[len(SPECIALS):]
     vocab = Vocabulary([*WORDS, *words])
     max_len = int(d.max_len)
-    dataset = CaptionFolder(folder, lambda c: encode(vocab, tokenize(c), max_len))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=int(d.batch_size), shuffle=True, num_workers=workers,
-                                         drop_last=True, collate_fn=collate, persistent_workers=workers > 0)
+    return {"dataset": CaptionFolder(folder, lambda c: encode(vocab, tokenize(c), max_len)), "vocab": vocab,
+            "per_caption": words_per_caption([[encode(vocab, t, max_len) for t in caps] for caps in train.tokens]),
+            "test": test}
+
+
+def plain_train(cfg: Any, data: dict[str, Any], steps: int, workers: int, every: int = 25
+                ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The plain loop's training for `steps`: the model, and its images/s over the whole loop and the median
+    over windows of `every` steps (the first left out, as the lab's logged rates)."""
+    import statistics
+
+    from lab.config import build
+    from lab.optim import build_optimizer, build_scheduler
+
+    d = cfg.data
+    loader = torch.utils.data.DataLoader(data["dataset"], batch_size=int(d.batch_size), shuffle=True,
+                                         num_workers=workers, drop_last=True, collate_fn=collate,
+                                         persistent_workers=workers > 0)
     torch.manual_seed(int(cfg.seed))
-    model = build(cfg.model, "model", vocab_size=len(vocab), in_channels=1, image_size=int(d.size),
+    model = build(cfg.model, "model", vocab_size=len(data["vocab"]), in_channels=1, image_size=int(d.size),
                   _recursive_=False)
     opt = build_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad])
     sched = build_scheduler(cfg.scheduler, opt, steps)
     penalty = float(cfg.captioning.attention_penalty) if cfg.model.attention else 0.0
-    per_caption = words_per_caption([[encode(vocab, t, max_len) for t in caps] for caps in train.tokens])
     model.train()
-    step, seen, t0 = 0, 0, time.perf_counter()
+    step, seen, rates = 0, 0, []
+    t0 = tw = time.perf_counter()
     while step < steps:
         for images, ids in loader:
             targets = ids[:, 1:]
             logits, alphas = model(images, ids[:, :-1])
             loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=0,
-                                                     reduction="sum") / (len(images) * per_caption)
+                                                     reduction="sum") / (len(images) * data["per_caption"])
             if penalty:
                 loss = loss + penalty * ((1 - (alphas * (targets != 0).unsqueeze(-1)).sum(1)) ** 2).mean()
             opt.zero_grad(set_to_none=True)
@@ -164,18 +182,48 @@ def plain_side(cfg: Any, steps: int, workers: int, work: Path) -> dict[str, Any]
             opt.step()
             sched.step()
             step, seen = step + 1, seen + len(images)
+            if step % every == 0:
+                now = time.perf_counter()
+                rates.append(every * len(images) / (now - tw))
+                tw = now
             if step >= steps:
                 break
     train_s = time.perf_counter() - t0
+    return model, {"steps": steps, "workers": workers, "train_s": round(train_s, 1),
+                   "train_images_per_s": round(seen / train_s, 2),
+                   "train_images_per_s_median": round(statistics.median(rates[1:] or rates), 2)}
+
+
+def plain_side(cfg: Any, steps: int, workers: int, data: dict[str, Any]) -> dict[str, Any]:
+    from vision import captioners, scene_captions
+    from vision.captioning import text_scores
+
+    model, out = plain_train(cfg, data, steps, workers)
     model.eval()
+    test, vocab, d = data["test"], data["vocab"], cfg.data
     captions = []
     for i in range(0, len(test.images), int(d.eval_batch_size)):
         x = test.images[i: i + int(d.eval_batch_size)].float() / 255
         captions += [vocab.decode(c) for c in captioners.greedy(model, x, int(cfg.decode.max_len))[0]]
     claimed = [scene_captions.parse(c, test.classes) for c in captions]
-    out = {**text_scores(test.tokens, captions), **scene_captions.score(claimed, test.layouts)}
-    return {"steps": steps, "workers": workers, "train_s": round(train_s, 1),
-            "train_images_per_s": round(seen / train_s, 2), "final_greedy": {k: round(v, 4) for k, v in out.items()}}
+    scores = {**text_scores(test.tokens, captions), **scene_captions.score(claimed, test.layouts)}
+    return {**out, "final_greedy": {k: round(v, 4) for k, v in scores.items()}}
+
+
+def speed_pairs(n: int, steps: int, args: list[str], cfg: Any, data: dict[str, Any], workers: int,
+                work: Path) -> list[dict[str, Any]]:
+    """`n` short runs of each side in turn (the lab, then the plain loop, `steps` each, no evaluation): this
+    machine's speed drifts by 10-20% over minutes, so each pair's ratio compares the two at nearly one time."""
+    pairs = []
+    for i in range(n):
+        rows, _ = record.run_lab([*args, f"trainer.max_steps={steps}", "trainer.max_epochs=null",
+                                  f"trainer.eval_every={10 * steps}"],
+                                 work / f"speed{i}")
+        lab = record.median_samples_per_s(rows)
+        plain = plain_train(cfg, data, steps, workers)[1]["train_images_per_s_median"]
+        pairs.append({"lab_images_per_s": lab, "plain_images_per_s": plain, "ratio": round(lab / plain, 3)})
+        print(json.dumps({"speed_pair": pairs[-1]}), flush=True)
+    return pairs
 
 
 def main() -> None:
@@ -184,6 +232,9 @@ def main() -> None:
     ap.add_argument("--no-plain", action="store_true", help="skip the plain loop")
     ap.add_argument("--lab-args", nargs="*", default=[], help="extra overrides for every run")
     ap.add_argument("--workers", type=int, default=1, help="the plain loop's DataLoader workers")
+    ap.add_argument("--speed-pairs", type=int, default=3,
+                    help="short runs of the lab and the plain loop in turn, after the full runs, for the ratio")
+    ap.add_argument("--speed-steps", type=int, default=150, help="training steps of each short run")
     ap.add_argument("--pretrain-epochs", type=int, default=3,
                     help="epochs of mnist_cnn for the encoder's start (0: the encoder from scratch)")
     ap.add_argument("--pretrain-args", nargs="*", default=[], help="extra overrides for the encoder's pretraining")
@@ -207,12 +258,20 @@ def main() -> None:
         figures["best_model"] = best
         figures["targets_met_by_best"] = figures["models"][best]["meets_targets"]
         if not args.no_plain:
+            import statistics
+
             cfg = record.composed([*base, *MODELS[best]])
             steps = record.planned_steps(cfg)
-            figures["plain_loop"] = {"model": best, **plain_side(cfg, steps, args.workers, work)}
+            data = plain_setup(cfg, work)
+            figures["plain_loop"] = {"model": best, **plain_side(cfg, steps, args.workers, data)}
             lab = figures["models"][best]
-            figures["images_per_s_ratio_lab_over_plain"] = round(
-                lab["train_images_per_s_median"] / figures["plain_loop"]["train_images_per_s"], 3)
+            full = round(lab["train_images_per_s_median"] / figures["plain_loop"]["train_images_per_s_median"], 3)
+            figures["speed_pairs"] = speed_pairs(args.speed_pairs, args.speed_steps, [*base, *MODELS[best]], cfg,
+                                                 data, args.workers, work)
+            ratios = [full, *(p["ratio"] for p in figures["speed_pairs"])]
+            figures["images_per_s_ratio_full_runs"] = full
+            figures["images_per_s_ratios"] = ratios
+            figures["images_per_s_ratio_lab_over_plain"] = round(statistics.median(ratios), 3)
             figures["bleu4_lab_minus_plain"] = round(
                 lab["final_greedy"]["bleu4"] - figures["plain_loop"]["final_greedy"]["bleu4"], 4)
     record.write(args.name, {**figures, "complete": True})

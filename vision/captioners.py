@@ -123,15 +123,25 @@ class NIC(nn.Module):
 
     def _step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State, torch.Tensor | None]:
         if self.attention:
-            alpha = self.att_score(torch.tanh(state["keys"] + self.att_state(state["h"]).unsqueeze(1)))
-            alpha = alpha.squeeze(-1).softmax(-1)  # (B, L)
-            context = torch.sigmoid(self.gate(state["h"])) * (alpha.unsqueeze(-1) * state["feats"]).sum(1)
-            h, c = self.cell(torch.cat([x, context], -1), (state["h"], state["c"]))
-            o = x + self.deep_h(h) + self.deep_z(context) if self.deep_output else h
-            return self.out(self.drop(o)), {**state, "h": h, "c": c}, alpha
+            state, context, alpha = self._attend(x, state)
+            return self._emit(x, state["h"], context), state, alpha
         o, (h, c) = self.lstm(x.unsqueeze(1), (state["h"].transpose(0, 1).contiguous(),
                                                state["c"].transpose(0, 1).contiguous()))
         return self.out(self.drop(o[:, 0])), {"h": h.transpose(0, 1), "c": c.transpose(0, 1)}, None
+
+    def _attend(self, x: torch.Tensor, state: State) -> tuple[State, torch.Tensor, torch.Tensor]:
+        """One word's recurrence with attention: the new state, the (gated) context and the weights (B, L)."""
+        alpha = self.att_score(torch.tanh(state["keys"] + self.att_state(state["h"]).unsqueeze(1)))
+        alpha = alpha.squeeze(-1).softmax(-1)  # (B, L)
+        context = torch.sigmoid(self.gate(state["h"])) * (alpha.unsqueeze(-1) * state["feats"]).sum(1)
+        h, c = self.cell(torch.cat([x, context], -1), (state["h"], state["c"]))
+        return {**state, "h": h, "c": c}, context, alpha
+
+    def _emit(self, x: torch.Tensor, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Word logits from the state (and, with the deep output, the context and the last word), any leading
+        shape."""
+        o = x + self.deep_h(h) + self.deep_z(context) if self.deep_output else h
+        return self.out(self.drop(o))
 
     # ---- training: teacher forcing ---------------------------------------------------------------
     def forward(self, images: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -143,12 +153,13 @@ class NIC(nn.Module):
                                                   state["c"].transpose(0, 1).contiguous()))
             return self.out(self.drop(o)), None
         state, words = self.start(images), self.embed(inputs)
-        logits, alphas = [], []
-        for t in range(inputs.shape[1]):
-            out, state, alpha = self._step(words[:, t], state)
-            logits.append(out)
+        hs, contexts, alphas = [], [], []
+        for t in range(inputs.shape[1]):  # the recurrence word by word, the output layers once for all words
+            state, context, alpha = self._attend(words[:, t], state)
+            hs.append(state["h"])
+            contexts.append(context)
             alphas.append(alpha)
-        return torch.stack(logits, 1), torch.stack(alphas, 1)
+        return self._emit(words, torch.stack(hs, 1), torch.stack(contexts, 1)), torch.stack(alphas, 1)
 
 
 def reorder(state: State, index: torch.Tensor) -> State:

@@ -169,8 +169,8 @@ SCRIPTS: dict[str, str] = {
     "caption_digits": (
         "Image captioning of digit scenes (`caption_digits`: 1-3 MNIST digits apart on 64x64 canvases, five "
         "grammar captions each; 10,000 train scenes from the train digits, 500 test scenes from the test digits): "
-        "NIC (the book's CNN as the encoder, started from the lab's `mnist_cnn` trained for one epoch, whose wall "
-        "seconds count; an LSTM decoder) without and with soft attention, each a lab run of the same data and "
+        "NIC (the book's CNN as the encoder, started from the lab's `mnist_cnn` trained for `--pretrain-epochs`, whose "
+        "wall seconds count; an LSTM decoder) without and with soft attention, each a lab run of the same data and "
         "optimizer: every evaluation by greedy search (BLEU-1..4 and CIDEr from pycocoevalcap; the shares of "
         "test captions naming exactly the right digits and, in the right order, the right relation), the seconds "
         "of training until BLEU-4 reaches 0.6 and the digits' share 0.95 (evaluations included, scene making "
@@ -178,7 +178,9 @@ SCRIPTS: dict[str, str] = {
         "naming the right digits against a plain PyTorch loop: the same train scenes as PNG files with a COCO "
         "captions JSON read per item by a `DataLoader` (`--workers`) padding each batch to its longest caption, "
         "the same model, optimizer, schedule, clipping and steps, in fp32 (the lab: `trainer.precision=auto`, bf16 "
-        "where the CPU has it natively); its images/s and the same greedy evaluation."),
+        "where the CPU has it natively); its images/s and the same greedy evaluation. The ratio of images/s (each "
+        "side's median over 25-step windows) is the median of the full runs' and of `--speed-pairs` short runs of "
+        "each side in turn, as the machine's speed drifts within minutes."),
     "text_topics": (
         "Topic classification on Ana Cachopo's single-label splits of Reuters-21578 (R8: 8 topics, R52: 52) and 20 "
         "Newsgroups, the splits of Yao et al. (2019, Text GCN), whose table 2 gives the anchors. The lab's best "
@@ -454,9 +456,11 @@ SPECS: dict[str, list[Any]] = {
               ("seconds to targets", "seconds_to_targets"), ("images/s", "train_images_per_s_median"),
               ("wall s", "wall_s")]),
         Row("best model; meets the targets", "best_model", "targets_met_by_best"),
-        Row("plain loop: BLEU-4, digits right, images/s, workers", "plain_loop/final_greedy/bleu4",
-            "plain_loop/final_greedy/digits_right", "plain_loop/train_images_per_s", "plain_loop/workers"),
+        Row("plain loop: BLEU-4, digits right, images/s, median images/s, workers", "plain_loop/final_greedy/bleu4",
+            "plain_loop/final_greedy/digits_right", "plain_loop/train_images_per_s",
+            "plain_loop/train_images_per_s_median", "plain_loop/workers"),
         Row("images/s, lab over plain loop", "images_per_s_ratio_lab_over_plain"),
+        Row("images/s ratios: full runs, then each short pair", "images_per_s_ratios"),
         Row("BLEU-4, lab minus plain loop", "bleu4_lab_minus_plain"),
     ],
     "text_topics": [
@@ -877,9 +881,10 @@ def _segment(rec: dict[str, Any]) -> str:
 def _caption(rec: dict[str, Any]) -> str:
     """The best captioner's BLEU-4 and digits' share (greedy), and its seconds to both targets."""
     best = f"models/{rec.get('best_model')}"
-    when = _when(rec, f"{best}/seconds_to_targets", "both", "targets not met")
-    return (f"test BLEU-4 {_v(rec, best + '/final_greedy/bleu4')}, right digits "
-            f"{_v(rec, best + '/final_greedy/digits_right')} ({rec.get('best_model')}); {when}")
+    when = _when(rec, f"{best}/seconds_to_targets", "met", "targets not met")
+    return (f"BLEU-4 {_v(rec, best + '/final_greedy/bleu4')}, right digits "
+            f"{_v(rec, best + '/final_greedy/digits_right')} (beam 3: {_v(rec, best + '/final_beam3/digits_right')}); "
+            f"{when}")
 
 
 def _seeds(rec: dict[str, Any], who: str, other: str, other_name: str) -> str:

@@ -14,7 +14,7 @@ from torchvision.ops import box_iou, nms
 from conftest import lab_env, run_lab_cases, short_run
 from lab.errors import LabError
 from vision import detectors
-from vision.detection import augmentation, coco_metrics, wandb_boxes
+from vision.detection import augmentation, coco_metrics, extra_iou_config, wandb_boxes
 
 GT = [{"boxes": torch.tensor([[10.0, 10.0, 50.0, 50.0], [60.0, 60.0, 100.0, 110.0]]), "labels": torch.tensor([0, 1])}]
 
@@ -50,6 +50,15 @@ def test_map_is_one_for_perfect_boxes_and_falls_with_iou() -> None:
         if dx == 10.0:  # IoU of box a: 30/50 = 0.6 -> counted at 0.5, 0.55, 0.6 (3 of 10 thresholds)
             assert iou[0] == pytest.approx(0.6) and expected == pytest.approx(0.3)
     assert maps == sorted(maps, reverse=True) and maps[0] > maps[-1] and maps[-1] < 0.2
+    # AP at extra IoU thresholds: both boxes shifted to IoU 0.6 count at 0.4 and 0.55, not at 0.8
+    shifted = GT[0]["boxes"] + torch.tensor([10.0, 0.0, 10.0, 0.0])
+    iou = box_iou(shifted, GT[0]["boxes"]).diag()
+    assert iou.tolist() == pytest.approx([0.6, 0.6])
+    out = coco_metrics(_preds(shifted), GT, ("a", "b"), extra_iou=(0.4, 0.55, 0.8))[0]
+    assert out["map_40"] == pytest.approx(1.0) and out["map_55"] == pytest.approx(1.0) and out["map_80"] == 0.0
+    assert out["map_75"] < 1.0 and "map_40" not in coco_metrics(_preds(shifted), GT, ("a", "b"))[0]
+    with pytest.raises(LabError, match="detection.extra_iou"):
+        extra_iou_config([0.4, 1.5])
     wrong = _preds(GT[0]["boxes"].clone())
     wrong[0]["labels"] = torch.tensor([1, 0])  # the right places, the wrong classes
     assert coco_metrics(wrong, GT, ("a", "b"))[0]["map"] == 0.0

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import io as stdio
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +130,7 @@ class Detection(ImageTask):
         self.max_detections = check_max_detections(cfg.detection.get("max_detections") or 100)  # before training
         self.window = window_config(cfg.detection.get("window"))
         self.tta = tta_config(cfg.detection.get("tta"))
+        self.extra_iou = extra_iou_config(cfg.detection.get("extra_iou"))
         skipped = [*self.train_set.skipped, *self.test_set.skipped]
         self.describe({"data/train_images": len(self.train_set.images), "data/test_images": len(self.test_set.images),
                        "data/train_boxes": sum(len(t["labels"]) for t in self.train_set.targets),
@@ -208,7 +209,8 @@ class Detection(ImageTask):
     def evaluate(self) -> dict:
         self.log_info_once()
         preds = self.detect(self.test_set.images)
-        out, per_class, curves = coco_metrics(preds, self.test_set.targets, self.classes, self.max_detections)
+        out, per_class, curves = coco_metrics(preds, self.test_set.targets, self.classes, self.max_detections,
+                                              self.extra_iou)
         self.ctx.logger.log_table("eval/per_class_ap", ["class", "AP", "AP50", f"recall@{self.max_detections}",
                                                         "test boxes"],
                                   [[c, *v.values()] for c, v in per_class.items()])
@@ -280,20 +282,22 @@ class Detection(ImageTask):
 
 
 def coco_metrics(preds: list[dict[str, torch.Tensor]], targets: list[dict[str, torch.Tensor]],
-                 classes: tuple[str, ...], max_detections: int = 100,
+                 classes: tuple[str, ...], max_detections: int = 100, extra_iou: Sequence[float] = (),
                  ) -> tuple[dict[str, float], dict[str, dict[str, float]], dict[str, Any]]:
     """COCO's box evaluation (torchmetrics' MeanAveragePrecision on pycocotools) taking each image's
     `max_detections` best boxes (COCO's 100 by default; more for large images with hundreds of objects): the
     summary (map, map_50, map_75, map_small/medium/large, mar_1/10/N; a size with no test boxes left out), per
     class {AP (at [.5:.95]), AP50, recall_N, test boxes} and per class its precision-recall curve at IoU 0.5
-    (COCO's 101 recall points, all sizes, N detections)."""
+    (COCO's 101 recall points, all sizes, N detections). `extra_iou` (e.g. [0.4]): the summary also holds AP
+    at each of these IoU thresholds, `map_40`, by the same evaluation."""
     from torchmetrics.detection import MeanAveragePrecision
 
     n = check_max_detections(max_detections)
     metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True, extended_summary=True,
                                   backend="pycocotools", max_detection_thresholds=[1, 10, n])
-    metric.update([{k: p[k] for k in ("boxes", "scores", "labels")} for p in preds],
-                  [{"boxes": t["boxes"].float(), "labels": t["labels"]} for t in targets])
+    dets = [{k: p[k] for k in ("boxes", "scores", "labels")} for p in preds]
+    truth = [{"boxes": t["boxes"].float(), "labels": t["labels"]} for t in targets]
+    metric.update(dets, truth)
     with contextlib.redirect_stdout(stdio.StringIO()):  # pycocotools prints its table on every evaluation
         r = metric.compute()
     precision = r["precision"][:, :, :, 0, -1]  # every IoU threshold, recall point and class; all areas, N boxes
@@ -302,6 +306,15 @@ def coco_metrics(preds: list[dict[str, torch.Tensor]], targets: list[dict[str, t
     r["map"] = precision[seen].mean() if seen.any() else torch.tensor(-1.0)
     out = {k: float(r[k]) for k in ("map", "map_50", "map_75", "map_small", "map_medium", "map_large",
                                     "mar_1", "mar_10", f"mar_{n}") if float(r[k]) >= 0}  # -1: no such boxes
+    if extra_iou:  # AP at other IoU thresholds (DeepForest counts a crown found at 0.4), all areas, N boxes
+        extra = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", extended_summary=True, backend="pycocotools",
+                                     iou_thresholds=[float(t) for t in extra_iou], max_detection_thresholds=[1, 10, n])
+        extra.update(dets, truth)
+        with contextlib.redirect_stdout(stdio.StringIO()):
+            p = extra.compute()["precision"][:, :, :, 0, -1]
+        for i, t in enumerate(extra_iou):
+            if (p[i] > -1).any():
+                out[f"map_{round(100 * float(t))}"] = float(p[i][p[i] > -1].mean())
     labels = torch.cat([t["labels"] for t in targets]) if targets else torch.zeros(0, dtype=torch.int64)
     counts = np.bincount(labels.numpy(), minlength=len(classes))
     recall = np.linspace(0, 1, r["precision"].shape[1])
@@ -316,6 +329,17 @@ def coco_metrics(preds: list[dict[str, torch.Tensor]], targets: list[dict[str, t
         if seen.any():
             curves[classes[k]] = (recall[seen], p50[seen])
     return out, per_class, curves
+
+
+def extra_iou_config(spec: Any) -> tuple[float, ...]:
+    """`detection.extra_iou` (null, or IoU thresholds such as [0.4]) as a tuple of floats in (0, 1)."""
+    try:
+        values = tuple(float(t) for t in (spec or ()))
+    except (TypeError, ValueError):
+        values = (-1.0,)
+    if any(not 0 < t < 1 for t in values):
+        raise LabError(f"detection.extra_iou={spec} must be a list of IoU thresholds between 0 and 1, e.g. [0.4]")
+    return values
 
 
 def check_max_detections(n: Any) -> int:

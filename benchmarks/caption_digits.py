@@ -240,6 +240,9 @@ def main() -> None:
     ap.add_argument("--pretrain-args", nargs="*", default=[], help="extra overrides for the encoder's pretraining")
     ap.add_argument("--name", default="caption_digits" + record.cpu_kind_suffix())
     args = ap.parse_args()
+    if args.speed_pairs and args.speed_steps < 75:
+        ap.error("--speed-steps must be at least 75: both sides' rates are medians over 25-step windows, the first "
+                 "left out as warm-up")
     base = ["+experiment=caption_digits", "logger=none", "trainer.progress=false", *KIND_ARGS, *args.lab_args]
     figures: dict[str, Any] = {"target_bleu4": BLEU4, "target_digits_right": DIGITS, "budget_s": BUDGET_S,
                                "kind_args": KIND_ARGS, "lab_args": args.lab_args, "models": {}}

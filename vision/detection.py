@@ -336,8 +336,8 @@ def extra_iou_config(spec: Any) -> tuple[float, ...]:
     try:
         values = tuple(float(t) for t in (spec or ()))
     except (TypeError, ValueError):
-        values = (-1.0,)
-    if any(not 0 < t < 1 for t in values):
+        values = None
+    if values is None or any(not 0 < t < 1 for t in values):
         raise LabError(f"detection.extra_iou={spec} must be a list of IoU thresholds between 0 and 1, e.g. [0.4]")
     return values
 

@@ -15,10 +15,13 @@ Both evaluate on the whole held-out image (`data.test_images`, never seen in tra
 once) every `trainer.eval_every` steps with COCO's evaluation (up to 1,000 boxes), detecting it in 256 px
 windows as the model trained (`detection.window`: overlapping by 128, cut boxes dropped, the windows' boxes
 merged) in its eight dihedral views, fused (`detection.tta`); the last checkpoint is also scored in one view
-(`mode=eval detection.tta=null`, `final_one_view`). The record keeps every evaluation (AP50, mAP@[.5:.95],
+(`mode=eval detection.tta=null`, `final_one_view`). With `trainer.ema` (the yaml's), every evaluation scores the
+averaged weights, and the last checkpoint's trained weights are scored too (eight views, `final_trained_weights`):
+the same training without the average. The record keeps every evaluation (AP50, mAP@[.5:.95],
 AP75, recall), the final and best AP50, the training images/s and wall seconds of each side, and whether the
 pretrained side's final AP50 reaches the target. Both train in the experiment's `trainer.precision=auto`:
-bf16 on a CPU that has it natively, which then trains 16 epochs instead of the yaml's 8 (`KIND_ARGS`).
+bf16 on a CPU that has it natively, which then trains 32 epochs instead of the yaml's 8, evaluating every 512
+steps (`KIND_ARGS`).
 Writes benchmarks/results/<name>.json (default detect_trees; detect_trees_avx2 on a CPU without native bf16)
 and, beside it, each side's last precision-recall curve and the test image with its boxes (PNG).
 """
@@ -42,24 +45,36 @@ import record  # noqa: E402
 
 TARGET_AP50 = 0.5
 SIDES = {"pretrained": [], "scratch": ["model.weights=null", "model.freeze=false"]}
-# Epochs per kind of 2-core CPU, as measured: AVX2 trains the pretrained side at 1.5 tiles/s in fp32 (8 epochs
-# in 14 minutes); AVX512-BF16 at 5.0 in bf16 (16 epochs in 8 minutes, from scratch 17).
-KIND_ARGS = {"_avx2": [], "": ["trainer.max_epochs=16"]}[record.cpu_kind_suffix()]
+# Epochs per kind of 2-core CPU: AVX2 trains the pretrained side in fp32 at 1.5 tiles/s (8 epochs in 14 minutes);
+# AVX512-BF16 in bf16 at 2.5-5.6 tiles/s, as the machine goes (32 epochs in 13 to 27 minutes, from scratch 2x).
+KIND_ARGS = {"_avx2": [], "": ["trainer.max_epochs=32", "trainer.eval_every=512"]}[record.cpu_kind_suffix()]
 
 
 def side(args: list[str], run_dir: Path) -> dict[str, Any]:
     rows, wall = record.run_lab(args, run_dir)
     evals = record.evaluations(rows, "eval/map", ("eval/map", "eval/mar"))
-    model = OmegaConf.load(run_dir / "config.yaml").model
-    one = [*args, "mode=eval", f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}", "detection.tta=null"]
-    one_rows, _ = record.run_lab(one, run_dir.with_name(run_dir.name + "_one_view"))
-    single = next(r for r in reversed(one_rows) if "eval/map_50" in r)
-    return {"command": " ".join(["python -m lab", *args]), "wall_s": round(wall, 1), "evaluations": evals,
-            "final": evals[-1], "best_map_50": max(e["map_50"] for e in evals),
-            "final_one_view": {k.split("/", 1)[1]: round(v, 4) for k, v in single.items()
-                               if k.startswith(("eval/map", "eval/mar"))},
+    config = OmegaConf.load(run_dir / "config.yaml")
+    model, last = config.model, run_dir / "checkpoints" / "last.pt"
+    figures: dict[str, Any] = {"final_one_view": last_eval([*args, "mode=eval", f"checkpoint={last}",
+                                                            "detection.tta=null"], run_dir, "_one_view")}
+    if config.trainer.ema is not None:  # the trained weights, without the average: its checkpoint less "ema"
+        import torch
+
+        trained = run_dir.with_name(run_dir.name + "_trained.pt")
+        torch.save({**torch.load(last, weights_only=True), "ema": None}, trained)
+        figures["final_trained_weights"] = last_eval([*args, "mode=eval", f"checkpoint={trained}"], run_dir,
+                                                     "_trained")
+    return {**figures, "command": " ".join(["python -m lab", *args]), "wall_s": round(wall, 1), "evaluations": evals,
+            "final": evals[-1], "best_map_50": max(e["map_50"] for e in evals), "ema": config.trainer.ema,
             "train_images_per_s_median": record.median_samples_per_s(rows),
             "backbone": OmegaConf.to_container(model.backbone), "weights": model.weights, "freeze": model.freeze}
+
+
+def last_eval(args: list[str], run_dir: Path, suffix: str) -> dict[str, float]:
+    """`mode=eval` with `args` in a run directory beside `run_dir`: its eval/ figures."""
+    rows, _ = record.run_lab(args, run_dir.with_name(run_dir.name + suffix))
+    row = next(r for r in reversed(rows) if "eval/map_50" in r)
+    return {k.split("/", 1)[1]: round(v, 4) for k, v in row.items() if k.startswith(("eval/map", "eval/mar"))}
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from lab import io
+from lab.ema import averaged_task_state
 from lab.errors import LabError
 
 FORMAT_VERSION = 1
@@ -62,7 +63,7 @@ def load_weights(path: str | Path, option: str = "model.weights") -> dict[str, t
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if isinstance(state, dict) and isinstance(state.get("task"), dict):  # a lab run's best.pt or last.pt
-        state = state["task"]
+        state = averaged_task_state(state)  # the evaluated weights (trainer.ema's average, where it ran)
         prefixes = {k.split(".")[0] for k in state}
         if len(prefixes) == 1:  # one network (a classifier's `model.`): its own names
             state = {k.split(".", 1)[1]: v for k, v in state.items()}

@@ -5,6 +5,7 @@ checkpoint and resume, signals, progress and logging. Tasks know models and loss
     for each epoch, for each batch:
         metrics = task.training_step(batch, optim)   # under autocast; optim.step does the rest
         every log_every steps: log train/ and perf/ metrics
+        trainer.ema: the averaged weights take this step in
         every eval_every steps (and at epoch ends, and at the end): log eval/, save best.pt
         every checkpoint_every steps (and on SIGINT/SIGTERM, and at the end): save last.pt
 """
@@ -28,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from lab import checkpoint, distributed
+from lab import ema as weight_average
 from lab.devices import DEVICE_SPEC, PRECISIONS, autocast, resolve_precision
 from lab.errors import LabError
 from lab.task import RunContext, Task
@@ -48,6 +50,7 @@ def check_config(cfg: DictConfig) -> None:
     stop_at = cfg.get("stop_at")
     if stop_at is not None and (isinstance(stop_at, bool) or not isinstance(stop_at, (int, float))):
         raise LabError(f"trainer.stop_at={stop_at!r} must be a number (the main metric's target) or null")
+    weight_average.check(cfg.get("ema"))
     if cfg.max_steps is None and cfg.max_epochs is None:
         raise LabError("set a budget: trainer.max_steps=N or trainer.max_epochs=N")
 
@@ -230,6 +233,7 @@ class Trainer:
         self.best: dict[str, Any] = {}
         self.target_reached = False  # the main metric reached trainer.stop_at
         self._clock = (time.perf_counter(), 0.0)  # (start of this process's loop, seconds before it)
+        self.ema: weight_average.Ema | None = None  # trainer.ema's averaged networks, built by fit
 
     def elapsed(self) -> float:
         """Seconds of this run's training loop so far, over all its resumes."""
@@ -276,7 +280,8 @@ class Trainer:
             task_state = task.snapshot_state() if snapshot else task.state_dict()
         return {**self._counters(run), "task": task_state, **optim.state_dict(), "rng": checkpoint.rng_state(),
                 "best": self.best, "logger_run_id": self.logger.run_id, "config": self.config,
-                "metrics_rows": self.logger.rows, "window": run.window.state_dict()}
+                "metrics_rows": self.logger.rows, "window": run.window.state_dict(),
+                "ema": self.ema.state_dict() if self.ema and not snapshot else None}  # best.pt: in "task"
 
     def _save(self, name: str, state: dict[str, Any]) -> None:
         if self.dist.is_main:
@@ -292,6 +297,8 @@ class Trainer:
         with self.unwrapped(task):
             checkpoint.load_state(task, state["task"], "task (model) state", path)
         optim.load_state_dict(state, path)
+        if self.ema:
+            self.ema.load_state_dict(state.get("ema"), path)
         self.best = dict(state.get("best") or {})
         return _Run(**{k: state[k] for k in _Run.COUNTERS if k in state}, rng=state["rng"], resumed=state)
 
@@ -300,6 +307,10 @@ class Trainer:
         """Train `task` to its budget, a signal or `trainer.stop_at`; returns the run's summary."""
         data = task.train_data()
         optim, horizon = self._setup(task, data)
+        if self.cfg.get("ema") is not None:  # before compile and DDP: it copies the plain networks
+            self.ema = weight_average.Ema(task, self.cfg.ema)
+            print(f"[lab] trainer.ema={self.cfg.ema}: evaluations use the moving average of "
+                  f"{', '.join(self.ema.nets)}", flush=True)
         run = self._resume(task, optim) if resume else _Run()
         self._prepare(task)
         self._start_logging(task, run)
@@ -370,6 +381,8 @@ class Trainer:
         with self.autocast():
             out = task.training_step(batch, optim)
         optim.end_step()
+        if self.ema:
+            self.ema.update()
         run.step += 1
         run.batch_in_epoch += 1
         self.logger.step = run.step
@@ -417,18 +430,20 @@ class Trainer:
         run.last_eval_step = self.logger.step
         if self.dist.is_main:
             t0 = time.perf_counter()
-            with self.unwrapped(task), torch.no_grad(), self.autocast():
-                task.eval()
-                try:
-                    metrics = _eval_keys(task.evaluate())
-                finally:
-                    task.train()
-            metrics["perf/eval_seconds"] = time.perf_counter() - t0
-            metrics["perf/elapsed_s"] = self.elapsed()
-            metrics.update(task.progress())
-            self.logger.log(metrics)
-            tqdm.write(f"[lab] step {self.logger.step}: {metrics_line(metrics)}")  # above the bar, in any log
-            self._track_best(task, optim, run, metrics)
+            # trainer.ema: the averaged weights are evaluated, and best.pt holds them
+            with self.ema.weights() if self.ema else contextlib.nullcontext():
+                with self.unwrapped(task), torch.no_grad(), self.autocast():
+                    task.eval()
+                    try:
+                        metrics = _eval_keys(task.evaluate())
+                    finally:
+                        task.train()
+                metrics["perf/eval_seconds"] = time.perf_counter() - t0
+                metrics["perf/elapsed_s"] = self.elapsed()
+                metrics.update(task.progress())
+                self.logger.log(metrics)
+                tqdm.write(f"[lab] step {self.logger.step}: {metrics_line(metrics)}")  # above the bar, in any log
+                self._track_best(task, optim, run, metrics)
         self.target_reached = distributed.any_rank(self.target_reached, self.dist, self.device)
         distributed.barrier(self.dist)
 
@@ -448,14 +463,15 @@ class Trainer:
             print(f"[lab] {name}={value:.4g} reached trainer.stop_at={target}: stopping", flush=True)
 
     def _load_task(self, task: Task, path: Path) -> dict[str, Any]:
-        """Put a checkpoint's task state into `task` on this run's device (mode=eval, mode=generate)."""
+        """Put a checkpoint's task state into `task` on this run's device (mode=eval, mode=generate): the
+        weights its evaluations measured (the averaged ones where it ran with trainer.ema)."""
         if not path.exists():  # a directory or an unreadable file: checkpoint.load says which
             raise LabError(f"checkpoint={path} does not exist; pass a run's checkpoints/best.pt or last.pt")
         task.to(self.device)
         if self.cfg.get("channels_last"):
             task.to(memory_format=torch.channels_last)
         state = checkpoint.load(path, map_location=self.device)
-        checkpoint.load_state(task, state["task"], "task (model) state", path)
+        checkpoint.load_state(task, weight_average.averaged_task_state(state), "task (model) state", path)
         return state
 
     def generate_checkpoint(self, task: Task, path: Path, n: int) -> dict[str, Any]:

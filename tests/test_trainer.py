@@ -172,7 +172,8 @@ def test_unknown_optimizer_name_is_a_clear_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("key,value,needle", [
     ("precision", "fp8", "trainer.precision"), ("precision", 16, "trainer.precision"),
     ("device", "gpu", "trainer.device"), ("max_steps", 0, "positive integer"),
-    ("grad_clip", -1, "grad_clip"), ("log_every", 1.5, "positive integer"),
+    ("grad_clip", -1, "grad_clip"), ("log_every", 1.5, "positive integer"), ("ema", 1.0, "trainer.ema"),
+    ("ema", 0.0, "trainer.ema"), ("ema", "0.9", "trainer.ema"),
 ])
 def test_check_config_refuses(key: str, value, needle: str) -> None:
     cfg = OmegaConf.merge(OmegaConf.load(REPO / "conf/trainer/default.yaml"), {"max_steps": 5, key: value})
@@ -243,3 +244,68 @@ def test_a_one_cycle_schedule_of_a_few_steps_still_cycles() -> None:
         for _ in range(steps):
             opt.step()
             sched.step()
+
+
+class Scored(TwoPhase):
+    """Evaluates the generator's weights as they are at evaluation time (and keeps what it saw)."""
+
+    main_metric = "eval/score"
+
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx)
+        self.seen = []
+
+    def evaluate(self):
+        self.seen.append(self.gen.weight.detach().clone())
+        return {"score": float(len(self.seen))}  # rises: every evaluation writes best.pt
+
+
+def test_ema_evaluates_and_keeps_the_averaged_weights_and_resumes(tmp_path: Path) -> None:
+    """trainer.ema: evaluation and best.pt see the warmed-up moving average of the weights, the networks train
+    on their own weights, last.pt keeps both, and a resumed run continues the same average."""
+    decay, steps = 0.9, 7
+    trainer, ctx = make_trainer(tmp_path / "a", max_steps=steps, eval_every=steps, eval_each_epoch=False, ema=decay)
+    task = Scored(None, ctx)
+    ref = copy.deepcopy(task)
+    trainer.fit(task)
+
+    d_opt = torch.optim.Adam(ref.disc.parameters(), 1e-2)
+    g_opt = torch.optim.Adam(ref.gen.parameters(), 1e-2)
+    mean = None
+    for n, (x,) in enumerate((ref.batches + ref.batches)[:steps]):
+        fake = ref.gen(x)
+        d_opt.zero_grad()
+        ((ref.disc(fake.detach()) - 1).pow(2).mean() + ref.disc(x).pow(2).mean()).backward()
+        d_opt.step()
+        g_opt.zero_grad()
+        ref.disc(fake).pow(2).mean().backward()
+        g_opt.step()
+        w = ref.gen.weight.detach()
+        mean = w.clone() if mean is None else torch.lerp(mean, w, 1 - min(decay, (1 + n) / (10 + n)))
+    torch.testing.assert_close(task.gen.weight, ref.gen.weight)  # training ran on the plain weights
+    torch.testing.assert_close(task.seen[0], mean)  # the evaluation saw the average
+    assert not torch.allclose(mean, ref.gen.weight, atol=1e-4)
+    best = torch.load(tmp_path / "a" / "checkpoints" / "best.pt", weights_only=True)
+    last = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=True)
+    torch.testing.assert_close(best["task"]["gen.weight"], mean)
+    torch.testing.assert_close(last["task"]["gen.weight"], ref.gen.weight)
+    torch.testing.assert_close(last["ema"]["nets"]["gen"]["weight"], mean)
+    assert last["ema"]["updates"] == steps
+    from lab.checkpoint import load_weights
+
+    torch.testing.assert_close(load_weights(tmp_path / "a" / "checkpoints" / "last.pt")["gen.weight"], mean)
+
+    # Interrupted after 4 steps, then resumed to 7: the same average.
+    trainer, ctx = make_trainer(tmp_path / "b", max_steps=4, eval_every=steps, eval_each_epoch=False, ema=decay)
+    part = Scored(None, ctx)
+    trainer.fit(part)
+    trainer, ctx = make_trainer(tmp_path / "b", max_steps=steps, eval_every=steps, eval_each_epoch=False, ema=decay)
+    resumed = Scored(None, ctx)
+    trainer.fit(resumed, resume=True)
+    torch.testing.assert_close(resumed.seen[-1], mean)
+
+    trainer, ctx = make_trainer(tmp_path / "c", max_steps=2)  # no average: a resume cannot invent one
+    trainer.fit(Scored(None, ctx))
+    trainer, ctx = make_trainer(tmp_path / "c", max_steps=3, ema=decay)
+    with pytest.raises(LabError, match="written without trainer.ema; resume with trainer.ema=null"):
+        trainer.fit(Scored(None, ctx), resume=True)

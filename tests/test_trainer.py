@@ -57,16 +57,11 @@ def make_trainer(tmp_path: Path, **overrides) -> Trainer:
     return Trainer(cfg, ctx, {}), ctx
 
 
-def test_two_optimizers_match_a_hand_written_loop(tmp_path: Path) -> None:
-    trainer, ctx = make_trainer(tmp_path, max_steps=7, max_epochs=None)
-    task = TwoPhase(None, ctx)
-    ref = copy.deepcopy(task)
-    summary = trainer.fit(task)
-    assert summary["step"] == 7 and summary["epoch"] == 1  # 5 batches an epoch
-
+def hand_written_loop(ref: TwoPhase, steps: int):
+    """TwoPhase's training by hand, yielding after each step its index."""
     d_opt = torch.optim.Adam(ref.disc.parameters(), 1e-2)
     g_opt = torch.optim.Adam(ref.gen.parameters(), 1e-2)
-    for (x,) in (ref.batches + ref.batches)[:7]:
+    for n, (x,) in enumerate((ref.batches + ref.batches)[:steps]):
         fake = ref.gen(x)
         d_opt.zero_grad()
         ((ref.disc(fake.detach()) - 1).pow(2).mean() + ref.disc(x).pow(2).mean()).backward()
@@ -74,6 +69,18 @@ def test_two_optimizers_match_a_hand_written_loop(tmp_path: Path) -> None:
         g_opt.zero_grad()
         ref.disc(fake).pow(2).mean().backward()
         g_opt.step()
+        yield n
+
+
+def test_two_optimizers_match_a_hand_written_loop(tmp_path: Path) -> None:
+    trainer, ctx = make_trainer(tmp_path, max_steps=7, max_epochs=None)
+    task = TwoPhase(None, ctx)
+    ref = copy.deepcopy(task)
+    summary = trainer.fit(task)
+    assert summary["step"] == 7 and summary["epoch"] == 1  # 5 batches an epoch
+
+    for _ in hand_written_loop(ref, 7):
+        pass
     for a, b in zip(task.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b)
 
@@ -269,17 +276,8 @@ def test_ema_evaluates_and_keeps_the_averaged_weights_and_resumes(tmp_path: Path
     ref = copy.deepcopy(task)
     trainer.fit(task)
 
-    d_opt = torch.optim.Adam(ref.disc.parameters(), 1e-2)
-    g_opt = torch.optim.Adam(ref.gen.parameters(), 1e-2)
     mean = None
-    for n, (x,) in enumerate((ref.batches + ref.batches)[:steps]):
-        fake = ref.gen(x)
-        d_opt.zero_grad()
-        ((ref.disc(fake.detach()) - 1).pow(2).mean() + ref.disc(x).pow(2).mean()).backward()
-        d_opt.step()
-        g_opt.zero_grad()
-        ref.disc(fake).pow(2).mean().backward()
-        g_opt.step()
+    for n in hand_written_loop(ref, steps):
         w = ref.gen.weight.detach()
         mean = w.clone() if mean is None else torch.lerp(mean, w, 1 - min(decay, (1 + n) / (10 + n)))
     torch.testing.assert_close(task.gen.weight, ref.gen.weight)  # training ran on the plain weights
